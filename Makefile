@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# torch is installed first, pinned (CPU wheel); override with e.g. TORCH_SPEC='torch==2.5.1'.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+DEMO := demo
+
+.PHONY: install demo test lint format bench clean docs-cli
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $@
+
+demo: install
+	rm -rf $(DEMO)
+	$(PY) examples/make_pair.py $(DEMO)
+	$(BIN)/fapm prune --base $(DEMO)/base --finetuned $(DEMO)/finetuned --sparsity 0.9 \
+		--output $(DEMO)/pruned
+	$(PY) examples/show_result.py $(DEMO)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(BIN)/ruff check fapm_cli tests examples
+	$(BIN)/ruff format --check fapm_cli tests examples
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format fapm_cli tests examples
+	$(BIN)/ruff check --fix fapm_cli tests examples
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,89 @@
+"""Build a small Llama-shaped base/finetuned pair for `make demo`.
+
+The base is a tiny byte-level Llama trained briefly on English text (the Python documentation
+topics that ship with Python); the finetuned model continues with full fine-tuning on a
+synthetic arithmetic task. Both are saved with save_pretrained, sharded differently, so that
+fapm has to pair tensors by name across shards. Seeded; no download.
+
+usage: python examples/make_pair.py OUT_DIR [--steps-base N] [--steps-finetune N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import torch
+from pydoc_data.topics import topics
+from transformers import LlamaConfig, LlamaForCausalLM
+
+SEQ = 64
+
+
+def general_text() -> bytes:
+    return "\n".join(topics[k] for k in sorted(topics)).encode("ascii", "replace")
+
+
+def task_text(n: int, seed: int) -> bytes:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        a, b = rng.randrange(100), rng.randrange(100)
+        lines.append(f"{a}+{b}={a + b}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def batches(data: bytes, batch: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.tensor(list(data), dtype=torch.long)
+    while True:
+        starts = torch.randint(0, len(t) - SEQ - 1, (batch,), generator=gen)
+        yield torch.stack([t[s : s + SEQ] for s in starts.tolist()])
+
+
+def train(model: LlamaForCausalLM, data: bytes, steps: int, lr: float, seed: int) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    loss = torch.tensor(0.0)
+    for _, x in zip(range(steps), batches(data, 16, seed), strict=False):
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss)
+
+
+def config() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--steps-base", type=int, default=150)
+    parser.add_argument("--steps-finetune", type=int, default=60)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    model = LlamaForCausalLM(config())
+    loss = train(model, general_text(), args.steps_base, 3e-3, seed=1)
+    print(f"base: {sum(p.numel() for p in model.parameters()):,} parameters, train loss {loss:.3f}")
+    model.save_pretrained(args.out / "base", max_shard_size="200KB")
+    loss = train(model, task_text(5000, seed=2), args.steps_finetune, 1e-3, seed=3)
+    print(f"finetuned on arithmetic: train loss {loss:.3f}")
+    model.save_pretrained(args.out / "finetuned", max_shard_size="500KB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The ``fapm`` application: global options, and one command per module of this package.
+
+Heavy modules (torch, the engine, huggingface_hub) are imported inside command bodies, so that
+``fapm --help`` and shell completion start in well under a second.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from fapm_cli import __version__
+from fapm_cli.cli import prune as prune_cmd
+from fapm_cli.cli.boundary import set_debug
+
+app = typer.Typer(
+    name="fapm",
+    help="Remove catastrophic forgetting from fine-tuned checkpoints by forgetting-aware "
+    "pruning of the task vector (FAPM, EMNLP 2025). Streams safetensors tensor by tensor.",
+    no_args_is_help=True,
+    rich_markup_mode=None,  # help text is shown as written: org/name[@revision] stays intact
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"fapm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="Show tracebacks of errors (also FAPM_DEBUG=1)."),
+    ] = False,
+) -> None:
+    set_debug(debug)
+
+
+app.command("prune", epilog=prune_cmd.EPILOG)(prune_cmd.prune)
+
+
+def main() -> None:
+    app(prog_name="fapm")

@@ -1,0 +1,80 @@
+"""The one place where exceptions become messages and exit codes.
+
+Every command body runs inside ``boundary``: a ``FapmError`` prints ``error: ...`` and its hint
+on stderr and exits with the error's code; SIGINT and SIGTERM exit 130 after the engine has
+removed its partial output; anything else is a bug, reported as such (exit 1). ``--debug`` (or
+``FAPM_DEBUG=1``) adds the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+import typer
+
+from fapm_cli.errors import ExitCode, FapmError, Interrupted
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_state = {"debug": os.environ.get("FAPM_DEBUG", "") not in ("", "0")}
+
+
+def set_debug(value: bool) -> None:
+    _state["debug"] = _state["debug"] or value
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Interrupted("terminated by SIGTERM; nothing was written")
+
+
+def _print_error(message: str, hint: str | None) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+
+
+def boundary(fn: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        if hasattr(signal, "SIGXFSZ"):
+            # Over RLIMIT_FSIZE, write() then fails with EFBIG (reported as a resource error)
+            # instead of the process being killed with the temporary output left behind.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except FapmError as err:
+            if _state["debug"]:
+                traceback.print_exc()
+            _print_error(err.message, err.hint)
+            raise typer.Exit(int(err.exit_code)) from None
+        except KeyboardInterrupt:
+            if _state["debug"]:
+                traceback.print_exc()
+            _print_error("interrupted; nothing was written", None)
+            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        except MemoryError:
+            _print_error(
+                "out of memory",
+                "fapm needs about 2.5x the largest tensor's float32 size; free memory",
+            )
+            raise typer.Exit(int(ExitCode.RESOURCES)) from None
+        except Exception as err:
+            if _state["debug"]:
+                traceback.print_exc()
+            _print_error(
+                f"internal error: {type(err).__name__}: {err}",
+                "this is a bug in fapm; please report it with the output of --debug",
+            )
+            raise typer.Exit(int(ExitCode.INTERNAL)) from None
+
+    return wrapper

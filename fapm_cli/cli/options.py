@@ -1,0 +1,69 @@
+"""Option types shared by several commands, so each flag reads the same everywhere."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+BaseOpt = Annotated[
+    str,
+    typer.Option(
+        "--base",
+        "-b",
+        metavar="SOURCE",
+        help="Pre-trained checkpoint: a directory, a .safetensors file, or a Hub id "
+        "org/name[@revision].",
+        show_default=False,
+    ),
+]
+FinetunedOpt = Annotated[
+    str,
+    typer.Option(
+        "--finetuned",
+        "-f",
+        metavar="SOURCE",
+        help="Fine-tuned checkpoint of the same architecture (same forms as --base).",
+        show_default=False,
+    ),
+]
+OutputOpt = Annotated[
+    str,
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="DIR",
+        help="Output checkpoint directory. Written to a temporary sibling and renamed into "
+        "place when complete.",
+        show_default=False,
+    ),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace the output if it already exists.")
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
+]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="Print nothing but errors (and --json output)."),
+]
+MaxShardOpt = Annotated[
+    str,
+    typer.Option(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="Largest output shard, e.g. 500MB, 5GB, 2GiB. A larger tensor gets a shard "
+        "of its own.",
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        metavar="N",
+        help="CPU threads for tensor math. [default: all cores]",
+        show_default=False,
+    ),
+]

@@ -1,0 +1,512 @@
+"""The streaming loop: pair tensors by name, decide what happens to each, score, select, write.
+
+Headers of both checkpoints are paired and checked first (``plan_prune``), so a mismatch is
+refused before any tensor data is read. Then tensors are processed one at a time, in the order
+they lie in the finetuned checkpoint's shards; each is read whole (memory is bounded by the
+largest tensor), scored in chunks, and written to the output chunk by chunk.
+
+The engine never prints: it returns plain records, and reports progress through a callback.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from fractions import Fraction
+
+import torch
+
+from fapm_cli import scoring
+from fapm_cli.errors import InputError, MismatchError, UsageError
+from fapm_cli.header import DType, PlannedTensor
+from fapm_cli.reader import Checkpoint, TensorReader, TensorRef
+from fapm_cli.scoring import CHUNK, Method
+
+
+class OnFinetunedOnly(StrEnum):
+    ERROR = "error"
+    COPY = "copy"
+
+
+class OnBaseOnly(StrEnum):
+    ERROR = "error"
+    KEEP = "keep"
+
+
+class Action(StrEnum):
+    PRUNE = "prune"  # scored and pruned
+    BASE = "base"  # left at its base value (a --keep-base pattern, or only in base)
+    FINETUNED = "finetuned"  # taken whole from finetuned (a --keep-finetuned pattern)
+    COPY = "copy"  # not a float tensor, or only in finetuned: copied from finetuned
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    method: Method = Method.FAPM
+    sparsity: Fraction = Fraction(9, 10)
+    lam: float = 1.0
+    seed: int = 0
+    keep_base: tuple[str, ...] = ()
+    keep_finetuned: tuple[str, ...] = ()
+    on_finetuned_only: OnFinetunedOnly = OnFinetunedOnly.ERROR
+    on_base_only: OnBaseOnly = OnBaseOnly.ERROR
+    dtype: DType | None = None  # output dtype of float tensors; None: finetuned's
+
+
+@dataclass(frozen=True)
+class Item:
+    """One output tensor and where its inputs come from."""
+
+    name: str
+    action: Action
+    base: TensorRef | None
+    finetuned: TensorRef | None
+    out: PlannedTensor
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(r.info.nbytes for r in (self.base, self.finetuned) if r is not None)
+
+
+@dataclass(frozen=True)
+class TensorResult:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    action: Action
+    numel: int
+    kept: int  # entries of the task vector kept (numel for finetuned/copy, 0 for base)
+    sq_norm_kept: float  # sum of tau^2 over kept entries
+    sq_norm: float  # sum of tau^2 over all entries
+
+
+@dataclass
+class RunStats:
+    tensors: list[TensorResult] = field(default_factory=list)
+
+
+def _match(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _first(names: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def plan_prune(base: Checkpoint, finetuned: Checkpoint, opts: PruneOptions) -> list[Item]:
+    """Pair tensors by name and decide each one's action; refuse mismatches up front."""
+    only_ft = [n for n in finetuned.tensors if n not in base.tensors]
+    only_base = [n for n in base.tensors if n not in finetuned.tensors]
+    if only_ft and opts.on_finetuned_only is OnFinetunedOnly.ERROR:
+        raise MismatchError(
+            f"{len(only_ft)} tensor(s) only in finetuned {finetuned.display}: {_first(only_ft)}",
+            hint="check that both are the same architecture; --on-finetuned-only copy "
+            "copies them as they are",
+        )
+    if only_base and opts.on_base_only is OnBaseOnly.ERROR:
+        raise MismatchError(
+            f"{len(only_base)} tensor(s) only in base {base.display}: {_first(only_base)}",
+            hint="check that both are the same architecture; --on-base-only keep "
+            "keeps their base values",
+        )
+    both = [p for p in opts.keep_base if p in opts.keep_finetuned]
+    if both:
+        raise UsageError(f"pattern {both[0]!r} given to both --keep-base and --keep-finetuned")
+
+    items: list[Item] = []
+    for name, f in finetuned.tensors.items():
+        b = base.tensors.get(name)
+        if b is None:
+            items.append(Item(name, Action.COPY, None, f, _planned(name, f, opts)))
+            continue
+        if b.info.shape != f.info.shape:
+            raise MismatchError(
+                f"tensor {name!r}: shape {list(b.info.shape)} in base but "
+                f"{list(f.info.shape)} in finetuned",
+                hint="base and finetuned must be the same architecture and vocabulary size",
+            )
+        if b.info.dtype.is_float != f.info.dtype.is_float:
+            raise MismatchError(
+                f"tensor {name!r}: {b.info.dtype.name} in base but {f.info.dtype.name} "
+                "in finetuned (integer vs float)",
+                hint="base and finetuned must come from the same model family",
+            )
+        if not f.info.dtype.is_float:
+            action = Action.COPY
+        elif _match(name, opts.keep_base) and _match(name, opts.keep_finetuned):
+            raise UsageError(
+                f"tensor {name!r} matches both --keep-base and --keep-finetuned",
+                hint="make the patterns disjoint",
+            )
+        elif _match(name, opts.keep_base):
+            action = Action.BASE
+        elif _match(name, opts.keep_finetuned):
+            action = Action.FINETUNED
+        else:
+            action = Action.PRUNE
+        items.append(Item(name, action, b, f, _planned(name, f, opts)))
+    for name in only_base:
+        b = base.tensors[name]
+        items.append(Item(name, Action.BASE, b, None, _planned(name, b, opts)))
+    return items
+
+
+def _planned(name: str, main: TensorRef, opts: PruneOptions) -> PlannedTensor:
+    dtype = main.info.dtype
+    if opts.dtype is not None and dtype.is_float:
+        dtype = opts.dtype
+    return PlannedTensor(name, dtype, main.info.shape)
+
+
+def unmatched_patterns(items: Sequence[Item], opts: PruneOptions) -> list[str]:
+    """Patterns that select no tensor: almost always a typo worth a warning."""
+    names = [i.name for i in items]
+    return [
+        p
+        for p in (*opts.keep_base, *opts.keep_finetuned)
+        if not any(fnmatch.fnmatchcase(n, p) for n in names)
+    ]
+
+
+# -- per-tensor work --------------------------------------------------------------------------
+
+
+def _check_finite(chunk: torch.Tensor, name: str, side: str) -> None:
+    if not bool(torch.isfinite(chunk).all()):
+        raise InputError(
+            f"tensor {name!r} in {side} contains NaN or Inf",
+            hint="the checkpoint is damaged or diverged in training; fapm cannot score it",
+        )
+
+
+def iter_keep_masks(
+    name: str,
+    base: torch.Tensor,
+    finetuned: torch.Tensor,
+    opts: PruneOptions,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, stop, keep_mask)`` for consecutive chunks of the flattened tensor.
+
+    Exactly ``k = floor(numel * (1 - s))`` entries are kept for the ranked methods; ``random``
+    keeps each with probability ``1 - s``. NaN/Inf in either input is an error.
+    """
+    b = base.reshape(-1)
+    f = finetuned.reshape(-1)
+    n = b.numel()
+    cdt = scoring.compute_dtype(b.dtype, f.dtype)
+
+    if opts.method is Method.RANDOM:
+        keep = float(1 - opts.sparsity)
+        for block, c in enumerate(range(0, n, scoring.RANDOM_BLOCK)):
+            stop = min(c + scoring.RANDOM_BLOCK, n)
+            _check_finite(b[c:stop], name, "base")
+            _check_finite(f[c:stop], name, "finetuned")
+            yield c, stop, scoring.random_mask_block(opts.seed, name, block, stop - c, keep)
+        return
+
+    # Pass 1: scores, stored as order-preserving integer keys (the only full-size temporary).
+    key_dtype = torch.int64 if cdt == torch.float64 else torch.int32
+    keys = torch.empty(n, dtype=key_dtype)
+    as_float = keys.view(cdt)
+    coef = torch.tensor(opts.lam, dtype=cdt) * torch.tensor(
+        scoring.mean_abs(b, cdt) if opts.method is Method.FAPM else 0.0, dtype=cdt
+    )
+    for c in range(0, n, CHUNK):
+        bc, fc = b[c : c + CHUNK], f[c : c + CHUNK]
+        _check_finite(bc, name, "base")
+        _check_finite(fc, name, "finetuned")
+        as_float[c : c + CHUNK] = scoring.score_chunk(opts.method, bc.to(cdt), fc.to(cdt), coef)
+    scoring.to_keys(as_float)
+
+    # Pass 2: the exact threshold; pass 3: masks in flat order, ties to the lowest index.
+    threshold = scoring.select_threshold(keys, scoring.keep_count(n, opts.sparsity))
+    ties_seen = 0
+    for c in range(0, n, CHUNK):
+        mask, ties_seen = scoring.keep_mask_chunk(keys[c : c + CHUNK], threshold, ties_seen)
+        yield c, c + mask.numel(), mask
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view of the same bytes, so that selecting entries copies them bit for bit."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def prune_tensor(
+    item: Item,
+    base: torch.Tensor,
+    finetuned: torch.Tensor,
+    opts: PruneOptions,
+    write: Callable[[torch.Tensor], None],
+) -> TensorResult:
+    """Write ``base + mask * tau`` for one tensor, chunk by chunk; kept entries are finetuned's
+    bytes and dropped entries base's bytes whenever the dtypes allow it."""
+    out_dtype = getattr(torch, item.out.dtype.torch_name)
+    b = base.reshape(-1)
+    f = finetuned.reshape(-1)
+    cdt = scoring.compute_dtype(b.dtype, f.dtype)
+    scale = 1.0
+    if opts.method is Method.RANDOM and 0 < opts.sparsity < 1:
+        scale = float(1 / (1 - opts.sparsity))  # DARE rescales what it keeps
+    same = b.dtype == f.dtype == out_dtype
+    kept = 0
+    sq_kept = 0.0
+    sq_total = 0.0
+    for start, stop, mask in iter_keep_masks(item.name, base, finetuned, opts):
+        bc, fc = b[start:stop], f[start:stop]
+        tau = fc.to(cdt) - bc.to(cdt)
+        tau2 = tau * tau
+        sq_total += float(tau2.sum(dtype=torch.float64))
+        sq_kept += float(tau2.masked_fill_(~mask, 0).sum(dtype=torch.float64))
+        kept += int(mask.sum())
+        if scale != 1.0:
+            new = (bc.to(cdt) + tau.mul_(scale)).to(out_dtype)
+            out = torch.where(mask, new, bc.to(out_dtype))
+        elif same:
+            out = _bits(torch.where(mask, _bits(fc), _bits(bc))).view(out_dtype)
+        else:
+            out = torch.where(mask, fc.to(out_dtype), bc.to(out_dtype))
+        write(out)
+    return TensorResult(
+        item.name, item.out.shape, item.out.dtype.name, item.action, b.numel(), kept, sq_kept, sq_total
+    )
+
+
+def _whole(item: Item, tensor: torch.Tensor, other: torch.Tensor | None, write: Callable[[torch.Tensor], None]) -> TensorResult:
+    """A tensor taken whole from one side (converted to the output dtype if asked)."""
+    out_dtype = getattr(torch, item.out.dtype.torch_name)
+    flat = tensor.reshape(-1)
+    n = flat.numel()
+    sq = 0.0
+    if other is not None and item.action in (Action.BASE, Action.FINETUNED):
+        o = other.reshape(-1)
+        cdt = scoring.compute_dtype(flat.dtype, o.dtype)
+        for c in range(0, n, CHUNK):
+            d = flat[c : c + CHUNK].to(cdt) - o[c : c + CHUNK].to(cdt)
+            sq += float((d * d).sum(dtype=torch.float64))
+    for c in range(0, n, CHUNK):
+        write(flat[c : c + CHUNK].to(out_dtype))
+    kept = 0 if item.action is Action.BASE else n
+    return TensorResult(
+        item.name, item.out.shape, item.out.dtype.name, item.action, n, kept,
+        sq if kept else 0.0, sq,
+    )  # fmt: skip
+
+
+@dataclass
+class Sink:
+    """Where output tensors go: ``begin(name)`` then ``write(chunk)`` calls, in plan order."""
+
+    begin: Callable[[str], None]
+    write: Callable[[torch.Tensor], None]
+
+
+def run_prune(
+    base: Checkpoint,
+    finetuned: Checkpoint,
+    items: Sequence[Item],
+    opts: PruneOptions,
+    sink: Sink,
+    progress: Callable[[int], None] = lambda n: None,
+) -> list[TensorResult]:
+    """Stream every item through the pruning and into ``sink``; returns one record per tensor."""
+    base_reader = TensorReader(base)
+    ft_reader = TensorReader(finetuned)
+    last_use = _last_uses(items)
+    results: list[TensorResult] = []
+    try:
+        for pos, item in enumerate(items):
+            b = base_reader.read(item.name) if item.base is not None else None
+            f = ft_reader.read(item.name) if item.finetuned is not None else None
+            sink.begin(item.name)
+            if item.action is Action.PRUNE:
+                assert b is not None and f is not None
+                results.append(prune_tensor(item, b, f, opts, sink.write))
+            elif item.action is Action.BASE:
+                assert b is not None
+                results.append(_whole(item, b, f, sink.write))
+            else:
+                assert f is not None
+                results.append(_whole(item, f, b, sink.write))
+            del b, f
+            for reader, side in ((base_reader, "base"), (ft_reader, "finetuned")):
+                for shard in last_use.get((side, pos), ()):
+                    reader.release_shard(shard)
+            progress(item.read_bytes)
+    finally:
+        base_reader.close()
+        ft_reader.close()
+    return results
+
+
+def _last_uses(items: Sequence[Item]) -> dict[tuple[str, int], list[str]]:
+    """For each (side, item position), the shards read for the last time there."""
+    last: dict[tuple[str, str], int] = {}
+    for pos, item in enumerate(items):
+        for side, ref in (("base", item.base), ("finetuned", item.finetuned)):
+            if ref is not None:
+                last[(side, ref.shard)] = pos
+    out: dict[tuple[str, int], list[str]] = {}
+    for (side, shard), pos in last.items():
+        out.setdefault((side, pos), []).append(shard)
+    return out
+
+
+def summarize(results: Sequence[TensorResult]) -> dict[str, float | int]:
+    pruned = [r for r in results if r.action is Action.PRUNE]
+    numel = sum(r.numel for r in pruned)
+    kept = sum(r.kept for r in pruned)
+    sq = sum(r.sq_norm for r in results)
+    sq_kept = sum(r.sq_norm_kept for r in results)
+    return {
+        "tensors": len(results),
+        "pruned_tensors": len(pruned),
+        "parameters": sum(r.numel for r in results),
+        "pruned_parameters": numel,
+        "kept": kept,
+        "kept_fraction": kept / numel if numel else 0.0,
+        "sq_norm_kept_fraction": sq_kept / sq if sq > 0 else 1.0,
+    }
+
+
+def sq_fraction(r: TensorResult) -> float:
+    return r.sq_norm_kept / r.sq_norm if r.sq_norm > 0 else (1.0 if r.kept else 0.0)
+
+
+
+# -- from sources to a finished output ---------------------------------------------------------
+
+
+class FilesFrom(StrEnum):
+    FINETUNED = "finetuned"
+    BASE = "base"
+    NONE = "none"
+
+
+class Progress:
+    """Progress callbacks; the CLI passes a subclass that draws a bar. This one is silent."""
+
+    def start(self, total_bytes: int, label: str) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    output: str
+    base: str
+    finetuned: str
+    options: PruneOptions
+    tensors: list[TensorResult]
+    shards: dict[str, dict[str, object]]
+    seconds: float
+    warnings: list[str]
+
+
+def provenance(kind: str, opts: PruneOptions, **sources: str) -> dict[str, str]:
+    """The ``__metadata__`` every output shard carries (safetensors allows str -> str only)."""
+    from fapm_cli import __version__
+
+    meta = {
+        "format": "pt",
+        "fapm.version": __version__,
+        "fapm.kind": kind,
+        "fapm.method": opts.method.value,
+        "fapm.sparsity": str(opts.sparsity if opts.sparsity.denominator != 1 else int(opts.sparsity)),
+        "fapm.sparsity_decimal": repr(float(opts.sparsity)),
+    }
+    if opts.method is Method.FAPM:
+        meta["fapm.lam"] = repr(opts.lam)
+    if opts.method is Method.RANDOM:
+        meta["fapm.seed"] = str(opts.seed)
+    if opts.keep_base:
+        meta["fapm.keep_base"] = ",".join(opts.keep_base)
+    if opts.keep_finetuned:
+        meta["fapm.keep_finetuned"] = ",".join(opts.keep_finetuned)
+    meta.update({f"fapm.{k}": v for k, v in sources.items()})
+    return meta
+
+
+def extra_files(checkpoint: Checkpoint) -> list[tuple[str, Callable[[], str]]]:
+    """Non-weight files (config, tokenizer, ...) to copy, with a way to get each locally."""
+    return [
+        (name, lambda name=name: checkpoint.source.local_path(name))  # type: ignore[misc]
+        for name in checkpoint.extra_files
+    ]
+
+
+def prune(
+    base_source: str,
+    finetuned_source: str,
+    output: str,
+    opts: PruneOptions,
+    *,
+    max_shard_size: int = 5 * 10**9,
+    files_from: FilesFrom = FilesFrom.FINETUNED,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> PruneReport:
+    """Prune ``finetuned`` against ``base`` and write the merged checkpoint to ``output``."""
+    from fapm_cli.reader import open_checkpoint
+    from fapm_cli.sources import resolve_source
+    from fapm_cli.writer import CheckpointWriter, check_output_path
+
+    started = time.monotonic()
+    progress = progress or Progress()
+    base = open_checkpoint(resolve_source(base_source))
+    finetuned = open_checkpoint(resolve_source(finetuned_source))
+    items = plan_prune(base, finetuned, opts)
+    warnings = [
+        f"pattern {p!r} matches no tensor" for p in unmatched_patterns(items, opts)
+    ]
+    out = Path(output)
+    check_output_path(out, _local_paths(base, finetuned), overwrite)
+    writer = CheckpointWriter(
+        out,
+        [i.out for i in items],
+        max_shard_size=max_shard_size,
+        metadata=provenance(
+            "model", opts, base=base.source.provenance(), finetuned=finetuned.source.provenance()
+        ),
+        overwrite=overwrite,
+    )
+    try:
+        progress.start(sum(i.read_bytes for i in items), "prune")
+        results = run_prune(
+            base, finetuned, items, opts, Sink(writer.begin, writer.write), progress.advance
+        )
+        copy_from = {FilesFrom.FINETUNED: finetuned, FilesFrom.BASE: base}.get(files_from)
+        writer.finish(extra_files(copy_from) if copy_from else ())
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.close()
+    return PruneReport(
+        str(out),
+        base.source.provenance(),
+        finetuned.source.provenance(),
+        opts,
+        results,
+        writer.shard_info,
+        time.monotonic() - started,
+        warnings,
+    )
+
+
+def _local_paths(*checkpoints: Checkpoint) -> list[Path]:
+    paths = []
+    for c in checkpoints:
+        p = getattr(c.source, "path", None)
+        if p is not None:
+            paths.append(Path(p))
+    return paths

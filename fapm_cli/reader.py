@@ -1,0 +1,230 @@
+"""Checkpoints: shards and headers read up front, tensors paired by name, data streamed.
+
+``open_checkpoint`` reads every header (never tensor data) and checks the index against the
+shards, so that a broken or mismatched input is refused before any heavy work. ``TensorReader``
+then reads one tensor at a time with ``pread`` into a fresh buffer: no mmap, so resident memory
+is the tensors in hand, not the page cache of whole shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from fapm_cli.errors import InputError
+from fapm_cli.header import Header, TensorInfo
+from fapm_cli.sources import OTHER_WEIGHT_SUFFIXES, PICKLE_SUFFIXES, LocalFile, Source
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX_SUFFIX = ".safetensors.index.json"
+DEFAULT_INDEX = "model.safetensors.index.json"
+# Metadata key that marks a checkpoint written by fapm as a task vector, not a model.
+KIND_KEY = "fapm.kind"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    shard: str
+    info: TensorInfo
+
+
+@dataclass
+class Checkpoint:
+    source: Source
+    shards: dict[str, Header]  # shard file name -> header, in index order
+    tensors: dict[str, TensorRef]  # tensor name -> where it lives
+    index_name: str | None = None
+    index_metadata: dict[str, object] = field(default_factory=dict)
+    extra_files: list[str] = field(default_factory=list)  # config, tokenizer, ...
+
+    @property
+    def display(self) -> str:
+        return self.source.display
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """``__metadata__`` of the first shard (fapm writes the same in every shard)."""
+        first = next(iter(self.shards.values()), None)
+        return dict(first.metadata) if first else {}
+
+    @property
+    def kind(self) -> str:
+        return self.metadata.get(KIND_KEY, "model")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.info.nbytes for r in self.tensors.values())
+
+
+def open_checkpoint(source: Source) -> Checkpoint:
+    """Read the layout and every header of ``source``; no tensor data is read."""
+    if isinstance(source, LocalFile):
+        name = source.path.name
+        header = source.read_header(name)
+        return Checkpoint(
+            source, {name: header}, {t: TensorRef(name, i) for t, i in header.tensors.items()}
+        )
+
+    files = source.list_files()
+    extra = [
+        f
+        for f in files
+        if not f.startswith(".")
+        and not f.endswith(INDEX_SUFFIX)
+        and not f.endswith(OTHER_WEIGHT_SUFFIXES + PICKLE_SUFFIXES)
+    ]
+    indexes = sorted(f for f in files if f.endswith(INDEX_SUFFIX))
+    if DEFAULT_INDEX in indexes:
+        indexes = [DEFAULT_INDEX]
+    if len(indexes) > 1:
+        raise InputError(
+            f"{source.display}: several index files ({', '.join(indexes)})",
+            hint="point to a directory holding one model, or to one .safetensors file",
+        )
+    if indexes:
+        return _open_indexed(source, indexes[0], extra)
+
+    shard_names = sorted(f for f in files if f.endswith(".safetensors"))
+    if "model.safetensors" in shard_names:
+        shard_names = ["model.safetensors"]
+    if not shard_names:
+        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise InputError(
+                f"{source.display}: only pickle weights ({pickles[0]}), which fapm refuses "
+                "(unpickling can run arbitrary code)",
+                hint="convert them to safetensors once in a trusted environment, e.g. "
+                "model.save_pretrained(dir, safe_serialization=True)",
+            )
+        raise InputError(
+            f"{source.display}: no .safetensors files in this directory",
+            hint="point to a checkpoint directory, a .safetensors file or a Hub id",
+        )
+    shards = {n: source.read_header(n) for n in shard_names}
+    tensors: dict[str, TensorRef] = {}
+    for shard, header in shards.items():
+        for name, info in header.tensors.items():
+            if name in tensors:
+                raise InputError(
+                    f"{source.display}: tensor {name!r} is in both {tensors[name].shard} "
+                    f"and {shard}",
+                    hint="remove the stray shard, or add a model.safetensors.index.json",
+                )
+            tensors[name] = TensorRef(shard, info)
+    return Checkpoint(source, shards, tensors, extra_files=extra)
+
+
+def _open_indexed(source: Source, index_name: str, extra: list[str]) -> Checkpoint:
+    where = f"{source.display}/{index_name}"
+    try:
+        index = json.loads(source.read_text(index_name))
+    except ValueError as err:
+        raise InputError(f"{where}: not valid JSON ({err})", hint="restore the index file") from err
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise InputError(
+            f"{where}: no weight_map of tensor name -> shard file",
+            hint="restore the index file from the original checkpoint",
+        )
+    metadata = index.get("metadata")
+    shards = {n: source.read_header(n) for n in dict.fromkeys(weight_map.values())}
+    tensors: dict[str, TensorRef] = {}
+    for name, shard in weight_map.items():
+        info = shards[shard].tensors.get(name)
+        if info is None:
+            raise InputError(
+                f"{where}: tensor {name!r} is mapped to {shard}, which does not contain it",
+                hint="the index does not belong to these shards; restore it",
+            )
+        tensors[name] = TensorRef(shard, info)
+    for shard, header in shards.items():
+        for name in header.tensors:
+            owner = tensors.get(name)
+            if owner is None or owner.shard != shard:
+                what = f"also in {owner.shard}" if owner else "missing from the index"
+                raise InputError(
+                    f"{source.display}/{shard}: tensor {name!r} is {what}",
+                    hint="the index does not match the shards; restore it",
+                )
+    # Order tensors as they lie on disk (shard order, then offset) for sequential reads.
+    ordered = sorted(
+        tensors.items(), key=lambda kv: (list(shards).index(kv[1].shard), kv[1].info.start)
+    )
+    return Checkpoint(
+        source,
+        shards,
+        dict(ordered),
+        index_name=index_name,
+        index_metadata=metadata if isinstance(metadata, dict) else {},
+        extra_files=extra,
+    )
+
+
+class TensorReader:
+    """Reads whole tensors from a checkpoint, one at a time, keeping shard files open."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, shard: str) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            path = self.checkpoint.source.local_path(shard)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as err:
+                raise InputError(
+                    f"{self.checkpoint.display}/{shard}: cannot open ({err.strerror})",
+                    hint="the shard disappeared or is unreadable; is something else deleting it?",
+                ) from err
+            self._fds[shard] = fd
+        return fd
+
+    def read(self, name: str) -> torch.Tensor:
+        import torch
+
+        ref = self.checkpoint.tensors[name]
+        info = ref.info
+        dtype = getattr(torch, info.dtype.torch_name)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        buf = bytearray(info.nbytes)
+        view = memoryview(buf)
+        fd = self._fd(ref.shard)
+        done = 0
+        try:
+            while done < info.nbytes:  # one read returns at most ~2 GiB on Linux
+                got = os.preadv(fd, [view[done:]], info.start + done)
+                if got == 0:
+                    break
+                done += got
+        except OSError as err:
+            raise InputError(
+                f"{self.checkpoint.display}/{ref.shard}: read of tensor {name!r} failed "
+                f"({err.strerror})",
+                hint="the file is damaged or was removed during the run",
+            ) from err
+        if done != info.nbytes:
+            raise InputError(
+                f"{self.checkpoint.display}/{ref.shard}: file ended inside tensor {name!r}",
+                hint="the file was truncated during the run; download it again",
+            )
+        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+    def release_shard(self, shard: str) -> None:
+        fd = self._fds.pop(shard, None)
+        if fd is not None:
+            os.close(fd)
+        self.checkpoint.source.release(shard)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,306 @@
+"""Bounded-memory sharded safetensors output, with an index and an atomic finish.
+
+Every shard's header is planned from names, shapes and dtypes before any data is computed, so
+tensor bytes can be streamed to disk chunk by chunk: the writer never holds more than one chunk.
+Everything is written into a temporary sibling directory, fsynced, and renamed into place only
+when complete; on any failure or interrupt the temporary directory is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fapm_cli.errors import FapmError, OutputError, ResourceError
+from fapm_cli.header import PlannedTensor, build_header
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+FILE_MODE = 0o644  # outputs are readable by others, whatever the umask says
+DIR_MODE = 0o755
+_STAGING_BYTES = 8 << 20
+_RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9, '2GiB' -> 2**31, '500MB', '1000000' (bytes)."""
+    units = {
+        "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+        "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    }  # fmt: skip
+    s = text.strip().upper()
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num) :].strip()
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise ValueError(f"size {text!r} not understood (use e.g. 500MB, 5GB, 2GiB)")
+    return int(value * units[unit])
+
+
+def shard_names(count: int) -> list[str]:
+    """Hugging Face shard names: model.safetensors, or model-00001-of-00003.safetensors."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def plan_shards(tensors: Sequence[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
+    """Greedy, in processing order: a new shard starts when the next tensor would overflow.
+
+    A tensor larger than ``max_shard_size`` gets a shard of its own (as transformers does).
+    """
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def os_error(err: OSError, what: str) -> FapmError:
+    """Translate an OSError raised while writing ``what``."""
+    if err.errno in _RESOURCE_ERRNOS:
+        return ResourceError(
+            f"{what}: {err.strerror} while writing",
+            hint="free disk space or raise the file-size limit; nothing was written",
+        )
+    return OutputError(f"{what}: {err.strerror}", hint="check the output path and its permissions")
+
+
+def check_output_path(output: Path, inputs: Iterable[Path], overwrite: bool) -> None:
+    """Refuse, before any work, an output that exists or that overlaps an input."""
+    out = Path(os.path.realpath(output))
+    for inp in inputs:
+        real = Path(os.path.realpath(inp))
+        if out == real or real in out.parents or out in real.parents:
+            raise OutputError(
+                f"{output}: output overlaps input {inp}",
+                hint="choose an output directory outside the inputs",
+            )
+    if output.exists() or output.is_symlink():
+        empty_dir = output.is_dir() and not any(output.iterdir())
+        if not (overwrite or empty_dir):
+            raise OutputError(f"{output}: already exists", hint="pass --overwrite to replace it")
+
+
+@dataclass
+class _OpenShard:
+    name: str
+    fd: int
+    digest: hashlib._Hash
+    size: int
+
+
+class CheckpointWriter:
+    """Writes planned tensors, in plan order, as a sharded checkpoint directory."""
+
+    def __init__(
+        self,
+        output: Path,
+        tensors: Sequence[PlannedTensor],
+        *,
+        max_shard_size: int,
+        metadata: dict[str, str],
+        index_metadata: dict[str, object] | None = None,
+        overwrite: bool = False,
+        fsync: bool = True,
+    ) -> None:
+        self.output = output
+        self.overwrite = overwrite
+        self.fsync = fsync
+        self.metadata = metadata
+        self.index_metadata = dict(index_metadata or {})
+        groups = plan_shards(tensors, max_shard_size)
+        names = shard_names(len(groups))
+        self._plan = [(name, group) for name, group in zip(names, groups, strict=True)]
+        self._queue = [(name, t) for name, group in self._plan for t in group]
+        self._pos = -1  # index in _queue of the tensor being written
+        self._left = 0  # bytes still expected for that tensor
+        self._shard: _OpenShard | None = None
+        self.shard_info: dict[str, dict[str, object]] = {}
+        self.weight_map: dict[str, str] = {}
+        self._staging: bytearray | None = None
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tag = secrets.token_hex(4)
+        self.tmp = output.parent / f".{output.name}.fapm-tmp-{os.getpid()}-{tag}"
+        try:
+            self.tmp.mkdir(mode=DIR_MODE)
+        except OSError as err:
+            raise os_error(err, str(output.parent)) from err
+
+    # -- streaming ------------------------------------------------------------------------
+    def begin(self, name: str) -> None:
+        if self._left:
+            raise AssertionError(f"tensor {self._queue[self._pos][1].name} not complete")
+        self._pos += 1
+        shard_name, planned = self._queue[self._pos]
+        if planned.name != name:
+            raise AssertionError(f"writer expected {planned.name}, got {name}")
+        if self._shard is None or self._shard.name != shard_name:
+            self._close_shard()
+            self._open_shard(shard_name)
+        self._left = planned.nbytes
+        self.weight_map[name] = shard_name
+
+    def write(self, chunk: torch.Tensor) -> None:
+        """Append the bytes of a contiguous tensor chunk to the tensor begun last."""
+        import torch
+
+        data = chunk.reshape(-1)
+        raw = data.view(torch.uint8)  # same bytes; bool and float8 included
+        n = raw.numel()
+        if n > self._left:
+            raise AssertionError("more bytes than planned")
+        if self._staging is None:
+            self._staging = bytearray(_STAGING_BYTES)
+        staging = torch.frombuffer(self._staging, dtype=torch.uint8)
+        view = memoryview(self._staging)
+        for c in range(0, n, _STAGING_BYTES):
+            part = raw[c : c + _STAGING_BYTES]
+            staging[: part.numel()].copy_(part)
+            self._write_bytes(view[: part.numel()])
+        self._left -= n
+
+    def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        self.begin(name)
+        self.write(tensor.contiguous())
+
+    # -- files ----------------------------------------------------------------------------
+    def _open_shard(self, name: str) -> None:
+        group = next(g for n, g in self._plan if n == name)
+        path = self.tmp / name
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            os.fchmod(fd, FILE_MODE)
+        except OSError as err:
+            raise os_error(err, str(self.output / name)) from err
+        self._shard = _OpenShard(name, fd, hashlib.sha256(), 0)
+        self._write_bytes(build_header(group, self.metadata))
+
+    def _write_bytes(self, data: bytes | memoryview) -> None:
+        shard = self._shard
+        assert shard is not None
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(shard.fd, view)
+                view = view[written:]
+        except OSError as err:
+            raise os_error(err, str(self.output / shard.name)) from err
+        shard.digest.update(data)
+        shard.size += len(data)
+
+    def _close_shard(self) -> None:
+        shard = self._shard
+        if shard is None:
+            return
+        self._shard = None
+        try:
+            if self.fsync:
+                os.fsync(shard.fd)
+        except OSError as err:
+            raise os_error(err, str(self.output / shard.name)) from err
+        finally:
+            os.close(shard.fd)
+        self.shard_info[shard.name] = {"bytes": shard.size, "sha256": shard.digest.hexdigest()}
+
+    def finish(self, copy_files: Sequence[tuple[str, Callable[[], str]]] = ()) -> None:
+        """Close the last shard, write the index, copy extra files, and move into place.
+
+        ``copy_files`` pairs a file name with a function returning the local path to copy.
+        """
+        if self._left or self._pos != len(self._queue) - 1:
+            raise AssertionError("finish() before every planned tensor was written")
+        if not self._queue:  # a checkpoint with no tensors still gets its (empty) shard
+            self._open_shard(self._plan[0][0])
+        self._close_shard()
+        total = sum(t.nbytes for _, t in self._queue)
+        index = {
+            "metadata": {"total_size": total, **self.index_metadata, "shards": self.shard_info},
+            "weight_map": dict(sorted(self.weight_map.items())),
+        }
+        try:
+            self._write_small(INDEX_NAME, json.dumps(index, indent=2) + "\n")
+            for name, local_path in copy_files:
+                dest = self.tmp / name
+                shutil.copyfile(local_path(), dest)
+                os.chmod(dest, FILE_MODE)
+            os.chmod(self.tmp, DIR_MODE)
+            self._move_into_place()
+        except OSError as err:
+            raise os_error(err, str(self.output)) from err
+
+    def _write_small(self, name: str, text: str) -> None:
+        path = self.tmp / name
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        os.chmod(path, FILE_MODE)
+
+    def _move_into_place(self) -> None:
+        out = self.output
+        old: Path | None = None
+        if out.exists() or out.is_symlink():
+            if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+                out.rmdir()
+            elif self.overwrite:
+                old = out.parent / f".{out.name}.fapm-old-{secrets.token_hex(4)}"
+                out.rename(old)
+            else:
+                raise OutputError(
+                    f"{out}: appeared while fapm was running (another run?)",
+                    hint="pass --overwrite to replace it, or choose another output",
+                )
+        try:
+            # rename(2) refuses to replace a non-empty directory: if another run finished
+            # first, ours fails here instead of mixing the two outputs.
+            os.rename(self.tmp, out)
+        except OSError as err:
+            if old is not None:
+                old.rename(out)
+            if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise OutputError(
+                    f"{out}: appeared while fapm was running (another run?)",
+                    hint="pass --overwrite to replace it, or choose another output",
+                ) from err
+            raise
+        if self.fsync:
+            _fsync_dir(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Remove everything written so far (idempotent)."""
+        if self._shard is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._shard.fd)
+            self._shard = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
