@@ -23,6 +23,7 @@ import torch
 from fapm_cli import scoring
 from fapm_cli.errors import InputError, MismatchError, UsageError
 from fapm_cli.header import DType, PlannedTensor
+from fapm_cli.pairing import pair_error
 from fapm_cli.reader import Checkpoint, TensorReader, TensorRef
 from fapm_cli.scoring import CHUNK, Method
 
@@ -124,18 +125,9 @@ def plan_prune(base: Checkpoint, finetuned: Checkpoint, opts: PruneOptions) -> l
         if b is None:
             items.append(Item(name, Action.COPY, None, f, _planned(name, f, opts)))
             continue
-        if b.info.shape != f.info.shape:
-            raise MismatchError(
-                f"tensor {name!r}: shape {list(b.info.shape)} in base but "
-                f"{list(f.info.shape)} in finetuned",
-                hint="base and finetuned must be the same architecture and vocabulary size",
-            )
-        if b.info.dtype.is_float != f.info.dtype.is_float:
-            raise MismatchError(
-                f"tensor {name!r}: {b.info.dtype.name} in base but {f.info.dtype.name} "
-                "in finetuned (integer vs float)",
-                hint="base and finetuned must come from the same model family",
-            )
+        refused = pair_error(name, b.info, f.info)  # shared with `fapm inspect --compare`
+        if refused is not None:
+            raise refused
         if not f.info.dtype.is_float:
             action = Action.COPY
         elif _match(name, opts.keep_base) and _match(name, opts.keep_finetuned):
