@@ -15,6 +15,8 @@ torch, so ``fapm inspect`` and ``fapm --help`` stay fast.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -130,6 +132,13 @@ def read_header_length(prefix: bytes, where: str, file_size: int) -> int:
     return n
 
 
+def _shape_fits(shape: list[int], itemsize: int) -> bool:
+    size = itemsize
+    for d in shape:
+        size *= max(d, 1)
+    return size < 2**63
+
+
 def parse_header(raw: bytes, where: str, file_size: int) -> Header:
     """Validate a header's JSON ``raw`` against a file of ``file_size`` bytes.
 
@@ -142,7 +151,8 @@ def parse_header(raw: bytes, where: str, file_size: int) -> Header:
 
     def bad(what: str) -> InputError:
         return InputError(
-            f"{where}: {what}", hint="the file is corrupted or was not written by a safetensors writer"
+            f"{where}: {what}",
+            hint="the file is corrupted or was not written by a safetensors writer",
         )
 
     try:
@@ -150,6 +160,8 @@ def parse_header(raw: bytes, where: str, file_size: int) -> Header:
         obj = json.loads(text, object_pairs_hook=_reject_duplicates)
     except (UnicodeDecodeError, ValueError) as err:
         raise bad(f"header is not valid JSON ({err})") from err
+    except RecursionError as err:  # e.g. "[[[[..." a hundred thousand deep
+        raise bad("header JSON is nested too deeply") from err
     if not isinstance(obj, dict):
         raise bad("header is not a JSON object")
 
@@ -174,9 +186,14 @@ def parse_header(raw: bytes, where: str, file_size: int) -> Header:
             )
         shape = entry["shape"]
         if not isinstance(shape, list) or not all(
-            type(d) is int and d >= 0 for d in shape  # bool is an int subclass: refuse it
+            type(d) is int and d >= 0
+            for d in shape  # bool is an int subclass: refuse it
         ):
             raise bad(f"tensor {name!r}: shape must be a list of non-negative integers")
+        if not _shape_fits(shape, dtype.itemsize):
+            # torch refuses (with an overflow error) any shape whose sizes overflow int64,
+            # even when a zero dimension makes it empty.
+            raise bad(f"tensor {name!r}: shape {shape} is too large")
         offsets = entry["data_offsets"]
         if (
             not isinstance(offsets, list)
@@ -216,13 +233,21 @@ def read_header(path: str, display: str | None = None) -> Header:
     """Read and validate the header of the local file ``path``."""
     where = display or path
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: opening a FIFO named *.safetensors must not hang; it is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            what = "is a directory" if stat.S_ISDIR(mode) else "is not a regular file"
+            raise InputError(
+                f"{where}: {what}, expected a .safetensors file",
+                hint="point to a .safetensors file or a checkpoint directory",
+            )
+        with os.fdopen(fd, "rb") as f:
             size = f.seek(0, 2)
             f.seek(0)
             n = read_header_length(f.read(8), where, size)
             raw = f.read(n)
-    except IsADirectoryError as err:
-        raise InputError(f"{where}: is a directory, expected a .safetensors file") from err
     except OSError as err:
         raise InputError(
             f"{where}: cannot read ({err.strerror or err})", hint="check the path and permissions"

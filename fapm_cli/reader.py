@@ -122,7 +122,7 @@ def _open_indexed(source: Source, index_name: str, extra: list[str]) -> Checkpoi
     where = f"{source.display}/{index_name}"
     try:
         index = json.loads(source.read_text(index_name))
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
         raise InputError(f"{where}: not valid JSON ({err})", hint="restore the index file") from err
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(

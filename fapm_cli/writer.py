@@ -137,13 +137,21 @@ class CheckpointWriter:
         self.shard_info: dict[str, dict[str, object]] = {}
         self.weight_map: dict[str, str] = {}
         self._staging: bytearray | None = None
-        output.parent.mkdir(parents=True, exist_ok=True)
         tag = secrets.token_hex(4)
         self.tmp = output.parent / f".{output.name}.fapm-tmp-{os.getpid()}-{tag}"
+        # Parents created here are removed again by abort(): a failed run leaves nothing.
+        self._made_parents = [p for p in (output.parent, *output.parent.parents) if not p.exists()]
         try:
+            output.parent.mkdir(parents=True, exist_ok=True)
             self.tmp.mkdir(mode=DIR_MODE)
         except OSError as err:
-            raise os_error(err, str(output.parent)) from err
+            self._remove_made_parents()
+            if err.errno in _RESOURCE_ERRNOS:
+                raise os_error(err, str(output)) from err
+            raise OutputError(
+                f"{output}: cannot create the output directory ({err.strerror})",
+                hint="choose an output inside a writable directory",
+            ) from err
 
     # -- streaming ------------------------------------------------------------------------
     def begin(self, name: str) -> None:
@@ -295,6 +303,14 @@ class CheckpointWriter:
                 os.close(self._shard.fd)
             self._shard = None
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._remove_made_parents()
+
+    def _remove_made_parents(self) -> None:
+        for parent in self._made_parents:  # innermost first; stops at one not empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
 
 def _fsync_dir(path: Path) -> None:

@@ -163,6 +163,8 @@ def prune(
         frac = scoring.parse_sparsity(sparsity)
         shard_bytes = parse_size(max_shard_size)
         out_dtype = parse_dtype(dtype) if dtype else None
+        if lam == float("inf"):  # typer's min=0 refuses negatives and NaN, not infinity
+            raise ValueError("--lam inf is not a finite number")
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm prune --help") from err
     if threads:
