@@ -12,6 +12,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -31,7 +32,10 @@ def set_debug(value: bool) -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Interrupted("terminated by SIGTERM; nothing was written")
+    raise Interrupted(
+        "terminated by SIGTERM; nothing was written",
+        hint="the inputs are unchanged; run the command again to finish",
+    )
 
 
 def _print_error(message: str, hint: str | None) -> None:
@@ -43,38 +47,53 @@ def _print_error(message: str, hint: str | None) -> None:
 def boundary(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        if hasattr(signal, "SIGXFSZ"):
-            # Over RLIMIT_FSIZE, write() then fails with EFBIG (reported as a resource error)
-            # instead of the process being killed with the temporary output left behind.
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        # Handlers are restored afterwards (the command may run inside a test runner or a
+        # caller's process), and only set from the main thread, the only one allowed to.
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+            if hasattr(signal, "SIGXFSZ"):
+                # Over RLIMIT_FSIZE, write() then fails with EFBIG (reported as a resource
+                # error) instead of the process being killed with the temporary output left.
+                previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except FapmError as err:
-            if _state["debug"]:
-                traceback.print_exc()
-            _print_error(err.message, err.hint)
-            raise typer.Exit(int(err.exit_code)) from None
-        except KeyboardInterrupt:
-            if _state["debug"]:
-                traceback.print_exc()
-            _print_error("interrupted; nothing was written", None)
-            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
-        except MemoryError:
-            _print_error(
-                "out of memory",
-                "fapm needs about 2.5x the largest tensor's float32 size; free memory",
-            )
-            raise typer.Exit(int(ExitCode.RESOURCES)) from None
-        except Exception as err:
-            if _state["debug"]:
-                traceback.print_exc()
-            _print_error(
-                f"internal error: {type(err).__name__}: {err}",
-                "this is a bug in fapm; please report it with the output of --debug",
-            )
-            raise typer.Exit(int(ExitCode.INTERNAL)) from None
+            return _run(fn, *args, **kwargs)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     return wrapper
+
+
+def _run(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    try:
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except FapmError as err:
+        if _state["debug"]:
+            traceback.print_exc()
+        _print_error(err.message, err.hint)
+        raise typer.Exit(int(err.exit_code)) from None
+    except KeyboardInterrupt:
+        if _state["debug"]:
+            traceback.print_exc()
+        _print_error(
+            "interrupted; nothing was written",
+            "the inputs are unchanged; run the command again to finish",
+        )
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    except MemoryError:
+        _print_error(
+            "out of memory",
+            "fapm needs about 2.5x the largest tensor's float32 size; free memory",
+        )
+        raise typer.Exit(int(ExitCode.RESOURCES)) from None
+    except Exception as err:
+        if _state["debug"]:
+            traceback.print_exc()
+        _print_error(
+            f"internal error: {type(err).__name__}: {err}",
+            "this is a bug in fapm; please report it with the output of --debug",
+        )
+        raise typer.Exit(int(ExitCode.INTERNAL)) from None
