@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import random
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import torch
-from pydoc_data.topics import topics
 from transformers import LlamaConfig, LlamaForCausalLM
 
 SEQ = 64

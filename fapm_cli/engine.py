@@ -11,12 +11,13 @@ The engine never prints: it returns plain records, and reports progress through 
 from __future__ import annotations
 
 import fnmatch
-from pathlib import Path
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from fractions import Fraction
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -225,7 +226,9 @@ def iter_keep_masks(
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view of the same bytes, so that selecting entries copies them bit for bit."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t.view(
+        {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    )
 
 
 def prune_tensor(
@@ -264,11 +267,23 @@ def prune_tensor(
             out = torch.where(mask, fc.to(out_dtype), bc.to(out_dtype))
         write(out)
     return TensorResult(
-        item.name, item.out.shape, item.out.dtype.name, item.action, b.numel(), kept, sq_kept, sq_total
+        item.name,
+        item.out.shape,
+        item.out.dtype.name,
+        item.action,
+        b.numel(),
+        kept,
+        sq_kept,
+        sq_total,
     )
 
 
-def _whole(item: Item, tensor: torch.Tensor, other: torch.Tensor | None, write: Callable[[torch.Tensor], None]) -> TensorResult:
+def _whole(
+    item: Item,
+    tensor: torch.Tensor,
+    other: torch.Tensor | None,
+    write: Callable[[torch.Tensor], None],
+) -> TensorResult:
     """A tensor taken whole from one side (converted to the output dtype if asked)."""
     out_dtype = getattr(torch, item.out.dtype.torch_name)
     flat = tensor.reshape(-1)
@@ -369,7 +384,6 @@ def sq_fraction(r: TensorResult) -> float:
     return r.sq_norm_kept / r.sq_norm if r.sq_norm > 0 else (1.0 if r.kept else 0.0)
 
 
-
 # -- from sources to a finished output ---------------------------------------------------------
 
 
@@ -379,9 +393,17 @@ class FilesFrom(StrEnum):
     NONE = "none"
 
 
-class Progress:
-    """Progress callbacks; the CLI passes a subclass that draws a bar. This one is silent."""
+class Progress(Protocol):
+    """Progress callbacks (report.BarProgress draws a bar on a terminal)."""
 
+    def start(self, total_bytes: int, label: str) -> None: ...
+
+    def advance(self, nbytes: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NoProgress:
     def start(self, total_bytes: int, label: str) -> None:
         pass
 
@@ -413,7 +435,9 @@ def provenance(kind: str, opts: PruneOptions, **sources: str) -> dict[str, str]:
         "fapm.version": __version__,
         "fapm.kind": kind,
         "fapm.method": opts.method.value,
-        "fapm.sparsity": str(opts.sparsity if opts.sparsity.denominator != 1 else int(opts.sparsity)),
+        "fapm.sparsity": str(
+            opts.sparsity if opts.sparsity.denominator != 1 else int(opts.sparsity)
+        ),
         "fapm.sparsity_decimal": repr(float(opts.sparsity)),
     }
     if opts.method is Method.FAPM:
@@ -453,13 +477,11 @@ def prune(
     from fapm_cli.writer import CheckpointWriter, check_output_path
 
     started = time.monotonic()
-    progress = progress or Progress()
+    progress = progress or NoProgress()
     base = open_checkpoint(resolve_source(base_source))
     finetuned = open_checkpoint(resolve_source(finetuned_source))
     items = plan_prune(base, finetuned, opts)
-    warnings = [
-        f"pattern {p!r} matches no tensor" for p in unmatched_patterns(items, opts)
-    ]
+    warnings = [f"pattern {p!r} matches no tensor" for p in unmatched_patterns(items, opts)]
     out = Path(output)
     check_output_path(out, _local_paths(base, finetuned), overwrite)
     writer = CheckpointWriter(

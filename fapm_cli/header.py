@@ -118,7 +118,7 @@ def read_header_length(prefix: bytes, where: str, file_size: int) -> int:
             f"{where}: file is {len(prefix)} bytes, too short to be safetensors",
             hint="the file is truncated or not a safetensors file; download it again",
         )
-    (n,) = struct.unpack("<Q", prefix[:8])
+    n = int.from_bytes(prefix[:8], "little")
     if n > MAX_HEADER_BYTES:
         raise InputError(
             f"{where}: header claims {n} bytes (limit {MAX_HEADER_BYTES})",

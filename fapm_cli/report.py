@@ -150,8 +150,11 @@ def print_prune(report: PruneReport) -> None:
     table.add_row(
         "task vector kept",
         f"{totals['kept']:,} of {totals['pruned_parameters']:,} entries "
-        f"({totals['kept_fraction']:.2%}), {totals['sq_norm_kept_fraction']:.2%} of its squared norm",
+        f"({totals['kept_fraction']:.2%}), "
+        f"{totals['sq_norm_kept_fraction']:.2%} of its squared norm",
     )
     size = sum(int(v["bytes"]) for v in report.shards.values())  # type: ignore[call-overload]
-    table.add_row("written", f"{len(report.shards)} shard(s), {human_bytes(size)} in {report.seconds:.1f} s")
+    table.add_row(
+        "written", f"{len(report.shards)} shard(s), {human_bytes(size)} in {report.seconds:.1f} s"
+    )
     console().print(table)

@@ -58,7 +58,7 @@ class LocalDir:
         if not is_plain_filename(name):
             raise InputError(
                 f"{self.display}: index names file {name!r} outside the checkpoint directory",
-                hint="the index is corrupted or hostile; weight_map values must be plain file names",
+                hint="the index is corrupted or hostile: weight_map values must be file names",
             )
         return str(self.path / name)
 

@@ -42,7 +42,7 @@ def write_checkpoint(
         for i, group in enumerate(groups, 1):
             fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
             save_file(group, str(path / fname), metadata=meta)
-            weight_map.update({n: fname for n in group})
+            weight_map.update(dict.fromkeys(group, fname))
         index = {"metadata": {"total_size": size}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(index))
     if config is not None:

@@ -13,7 +13,9 @@ from fractions import Fraction
 import torch
 
 
-def reference_scores(base: torch.Tensor, ft: torch.Tensor, method: str, lam: float = 1.0) -> torch.Tensor:
+def reference_scores(
+    base: torch.Tensor, ft: torch.Tensor, method: str, lam: float = 1.0
+) -> torch.Tensor:
     cdt = torch.float64 if torch.float64 in (base.dtype, ft.dtype) else torch.float32
     b, f = base.to(cdt).reshape(-1), ft.to(cdt).reshape(-1)
     a = (f - b).abs()
@@ -25,16 +27,26 @@ def reference_scores(base: torch.Tensor, ft: torch.Tensor, method: str, lam: flo
     return torch.where(b == 0, torch.tensor(float("-inf"), dtype=cdt), s)
 
 
-def reference_mask(base: torch.Tensor, ft: torch.Tensor, sparsity: Fraction, method: str, lam: float = 1.0) -> torch.Tensor:
+def reference_mask(
+    base: torch.Tensor, ft: torch.Tensor, sparsity: Fraction, method: str, lam: float = 1.0
+) -> torch.Tensor:
     n = base.numel()
     k = int(n * (1 - sparsity))
-    order = torch.sort(reference_scores(base, ft, method, lam), descending=True, stable=True).indices
+    order = torch.sort(
+        reference_scores(base, ft, method, lam), descending=True, stable=True
+    ).indices
     mask = torch.zeros(n, dtype=torch.bool)
     mask[order[:k]] = True
     return mask.reshape(base.shape)
 
 
-def reference_prune(base: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], sparsity: Fraction, method: str = "fapm", lam: float = 1.0) -> dict[str, torch.Tensor]:
+def reference_prune(
+    base: dict[str, torch.Tensor],
+    ft: dict[str, torch.Tensor],
+    sparsity: Fraction,
+    method: str = "fapm",
+    lam: float = 1.0,
+) -> dict[str, torch.Tensor]:
     out = {}
     for name, b in base.items():
         f = ft[name]

@@ -1,0 +1,3 @@
+from fapm_cli.cli.app import main
+
+main()
