@@ -17,6 +17,7 @@ from pydoc_data.topics import topics
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
 SEQ = 64
 
@@ -52,7 +53,7 @@ def train(model: LlamaForCausalLM, data: bytes, steps: int, lr: float, seed: int
         loss.backward()
         opt.step()
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def config() -> LlamaConfig:
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--steps-base", type=int, default=150)
     parser.add_argument("--steps-finetune", type=int, default=60)
     args = parser.parse_args()
+    hf_logging.disable_progress_bar()  # keep the demo output readable
     torch.manual_seed(0)
     torch.set_num_threads(2)
     model = LlamaForCausalLM(config())

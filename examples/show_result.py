@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from make_pair import SEQ, general_text, task_text
 from transformers import LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
 
 def loss_on(model: LlamaForCausalLM, data: bytes) -> float:
@@ -23,6 +24,7 @@ def loss_on(model: LlamaForCausalLM, data: bytes) -> float:
 
 
 def main() -> None:
+    hf_logging.disable_progress_bar()
     root = Path(sys.argv[1])
     general = general_text()[-SEQ * 64 :]  # the tail: not where training batches concentrate
     task = task_text(2000, seed=99)  # a seed the fine-tune never saw
