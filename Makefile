@@ -28,13 +28,17 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(BIN)/ruff check fapm_cli tests examples
-	$(BIN)/ruff format --check fapm_cli tests examples
+	$(BIN)/ruff check fapm_cli tests examples tools
+	$(BIN)/ruff format --check fapm_cli tests examples tools
 	$(BIN)/mypy
+	$(PY) tools/cli_docs.py --check
+
+docs-cli: install
+	$(PY) tools/cli_docs.py
 
 format: install
-	$(BIN)/ruff format fapm_cli tests examples
-	$(BIN)/ruff check --fix fapm_cli tests examples
+	$(BIN)/ruff format fapm_cli tests examples tools
+	$(BIN)/ruff check --fix fapm_cli tests examples tools
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache *.egg-info
