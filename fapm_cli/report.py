@@ -158,3 +158,221 @@ def print_prune(report: PruneReport) -> None:
         "written", f"{len(report.shards)} shard(s), {human_bytes(size)} in {report.seconds:.1f} s"
     )
     console().print(table)
+
+
+# -- fapm inspect -----------------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    from fapm_cli.forgetting import ForgettingReport, SortKey, TensorScore
+    from fapm_cli.inspection import Comparison, Inspection, Verification
+
+
+def inspect_json(
+    inspection: Inspection,
+    comparison: Comparison | None = None,
+    verification: Verification | None = None,
+) -> dict[str, Any]:
+    """The documented object of ``fapm inspect --json`` (docs/commands/inspect.md)."""
+    from fapm_cli import __version__
+    from fapm_cli.inspection import comparison_json, inspection_json, verification_json
+
+    return {
+        "schema": JSON_SCHEMA_VERSION,
+        "command": "inspect",
+        "fapm_version": __version__,
+        **inspection_json(inspection),
+        "compare": comparison_json(comparison) if comparison else None,
+        "verify": verification_json(verification) if verification else None,
+    }
+
+
+def _wide_console() -> Any:
+    """A console for wide tables: piped output is not folded at 80 columns."""
+    out = console()
+    if not is_terminal(sys.stdout):
+        out.width = max(out.width, 160)
+    return out
+
+
+def _pairs_table(rows: list[tuple[str, str]]) -> Any:
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def print_inspection(r: Inspection) -> None:
+    from rich.table import Table
+
+    out = _wide_console()
+    kind = r.kind + (f" ({r.format})" if r.format else "")
+    rows = [
+        ("source", r.source),
+        ("kind", kind + (", written by fapm" if r.written_by_fapm else "")),
+        ("shards", f"{len(r.shards)}" + (f" (index {r.index})" if r.index else "")),
+        ("tensors", f"{r.tensor_count:,}"),
+        ("parameters", f"{r.parameters:,}"),
+        ("size", f"{human_bytes(r.tensor_bytes)} of tensors, {human_bytes(r.file_bytes)} on disk"),
+    ]
+    c = r.config
+    if c is not None:
+        parts = [
+            c.architecture or c.model_type or "?",
+            f"hidden {c.hidden_size}" if c.hidden_size is not None else "",
+            f"{c.layers} layers" if c.layers is not None else "",
+            f"vocab {c.vocab_size:,}" if c.vocab_size is not None else "",
+            c.torch_dtype or "",
+        ]
+        rows.append(("config", ", ".join(p for p in parts if p)))
+    rows += [(k, v) for k, v in r.provenance.items()]
+    out.print(_pairs_table(rows))
+
+    dt = Table(title="by dtype", title_justify="left")
+    for col in ("dtype", "tensors", "parameters", "bytes"):
+        dt.add_column(col, justify="left" if col == "dtype" else "right")
+    for d in r.dtypes:
+        dt.add_row(d.dtype, f"{d.tensors:,}", f"{d.parameters:,}", human_bytes(d.bytes))
+    out.print(dt)
+    if len(r.shards) > 1:
+        st = Table(title="shards", title_justify="left")
+        for col in ("shard", "tensors", "bytes"):
+            st.add_column(col, justify="left" if col == "shard" else "right")
+        for s in r.shards:
+            st.add_row(s.name, f"{s.tensors:,}", human_bytes(s.file_bytes))
+        out.print(st)
+    if r.tensors is not None:
+        tt = Table(title=f"tensors ({len(r.tensors)})", title_justify="left")
+        for col in ("name", "shape", "dtype", "shard"):
+            tt.add_column(col, overflow="fold")
+        for t in r.tensors:
+            tt.add_row(t.name, str(list(t.shape)), t.dtype, t.shard)
+        out.print(tt)
+    for w in r.warnings:
+        warn(w)
+
+
+def print_comparison(c: Comparison) -> None:
+    from rich.table import Table
+
+    from fapm_cli.inspection import names_preview
+
+    out = _wide_console()
+    incompatible = [d for d in c.differences if d.incompatible]
+    verdict = "compatible" if c.compatible else "INCOMPATIBLE"
+    accept = "accept" if c.compatible else "refuse"
+
+    def only(names: list[str]) -> str:
+        return f"{len(names)}" + (f": {names_preview(names)}" if names else "")
+
+    allowed = len(c.differences) - len(incompatible)
+    rows = [
+        ("compare", f"{c.a} (A, base) with {c.b} (B, finetuned)"),
+        ("verdict", f"{verdict}: prune would {accept} them"),
+        ("paired", f"{c.common:,} tensor(s)"),
+        ("only in A", only(c.only_a)),
+        ("only in B", only(c.only_b)),
+        ("mismatches", f"{len(incompatible)} refused, {allowed} allowed (dtype only)"),
+    ]
+    out.print(_pairs_table(rows))
+    if c.differences:
+        t = Table(title="differences", title_justify="left")
+        for col in ("tensor", "kind", "A", "B", "prune"):
+            t.add_column(col, overflow="fold")
+        for d in c.differences:
+            t.add_row(d.name, d.kind.value, d.a, d.b, "refuses" if d.incompatible else "allows")
+        out.print(t)
+
+
+def print_verification(v: Verification) -> None:
+    from rich.table import Table
+
+    out = _wide_console()
+    t = Table(title="verify", title_justify="left")
+    for col in ("shard", "bytes", "sha256", "status"):
+        t.add_column(col, overflow="fold")
+    for s in v.shards:
+        t.add_row(s.name, f"{s.bytes:,}", s.sha256[:16] + "…", s.status.value)
+    out.print(t)
+    if v.ok:
+        how = (
+            "matched the recorded sizes and sha256"
+            if v.recorded
+            else "read completely; no recorded digests to compare against (not written by fapm)"
+        )
+        out.print(f"verify: ok, {len(v.shards)} shard(s) {how}")
+    for w in v.warnings:
+        warn(w)
+
+
+# -- fapm score -------------------------------------------------------------------------------
+
+_SCORE_COLUMNS = (
+    ("numel", "numel"),
+    ("mean_abs_tau", "mean |τ|"),
+    ("mean_abs_base", "mean |base|"),
+    ("mean_rel_change", "rel change"),
+    ("positive_score_fraction", "S>0"),
+    ("fapm_sq_norm_kept_fraction", "‖τ‖² fapm"),
+    ("magnitude_sq_norm_kept_fraction", "‖τ‖² magnitude"),
+    ("mask_jaccard", "Jaccard"),
+)
+
+
+def _figure(name: str, value: float | int | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if name.endswith(("fraction", "jaccard")):
+        return f"{value:.2%}"
+    return f"{value:.3g}"
+
+
+def print_score(r: ForgettingReport, rows: list[TensorScore]) -> None:
+    """Tables per tensor (sorted and cut as asked), per layer, per module type, and the total."""
+    from rich.table import Table
+
+    from fapm_cli.forgetting import Sums
+
+    out = _wide_console()
+
+    def table(title: str, head: str, entries: list[tuple[str, Sums]]) -> None:
+        t = Table(title=title, title_justify="left")
+        t.add_column(head, overflow="fold")
+        for _, label in _SCORE_COLUMNS:
+            t.add_column(label, justify="right", no_wrap=True)
+        for key, s in entries:
+            t.add_row(key, *(_figure(n, getattr(s, n)) for n, _ in _SCORE_COLUMNS))
+        out.print(t)
+
+    table(f"tensors ({len(rows)} of {len(r.tensors)})", "tensor", [(t.name, t.sums) for t in rows])
+    table("per layer", "layer", [("-" if k is None else str(k), s) for k, s in r.by_layer()])
+    table("per module type", "module", r.by_module())
+    table(f"total (sparsity {float(r.sparsity):g}, lam {r.lam:g})", "", [("all", r.total)])
+    zero = r.total.base_zero
+    if zero:
+        out.print(f"rel change excludes the {zero:,} entries where base == 0 (undefined there)")
+
+
+def score_json(
+    r: ForgettingReport,
+    rows: list[TensorScore],
+    sort: SortKey | None,
+    top: int | None,
+    plot: str | None,
+) -> dict[str, Any]:
+    """The documented object of ``fapm score --format json`` (docs/commands/score.md)."""
+    from fapm_cli import __version__
+    from fapm_cli.forgetting import report_json
+
+    return {
+        "schema": JSON_SCHEMA_VERSION,
+        "command": "score",
+        "fapm_version": __version__,
+        **report_json(r, rows, sort, top),
+        "plot": plot,
+    }
