@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 DEMO := demo
 
-.PHONY: install demo test lint format bench clean docs-cli
+.PHONY: install demo test lint format bench bench-mergekit-env clean docs-cli
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,20 @@ docs-cli: install
 format: install
 	$(BIN)/ruff format fapm_cli tests examples tools
 	$(BIN)/ruff check --fix fapm_cli tests examples tools
+
+# Benchmark on generated Llama-shaped bf16 pairs (~170M and ~1.2B parameters, cached in
+# bench-data/); see docs/benchmarks.md. BENCH_ARGS e.g. '--sizes small --repeat 3'.
+BENCH_ARGS ?=
+bench: install
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+# mergekit in its own venv, for comparison only (never imported by fapm). torch is installed
+# first, pinned to the CPU wheel, so that mergekit's requirements do not pull a CUDA build.
+MK_VENV := bench/.venv-mergekit
+bench-mergekit-env:
+	$(PYTHON) -m venv $(MK_VENV)
+	$(MK_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(MK_VENV)/bin/pip install --quiet mergekit
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache *.egg-info

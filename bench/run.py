@@ -1,0 +1,317 @@
+"""Benchmark fapm (and mergekit, when installed) on generated Llama-shaped bf16 pairs.
+
+    python bench/run.py [--sizes small,large] [--data bench-data] [--repeat 1]
+
+For each size: generate the pair once (bench/make_pair.py; cached), then run, each as its own
+process, in one interleaved round per ``--repeat``:
+
+- ``io-floor``: read both checkpoints and write (and fsync) as many bytes as one output;
+- ``fapm prune`` with ``--method fapm`` and ``--method magnitude`` at sparsity 0.9;
+- ``fapm diff``, ``fapm merge`` (of that diff) and ``fapm score`` when ``fapm --help`` lists them;
+- ``mergekit ties`` at density 0.1 when bench/.venv-mergekit exists (``make bench-mergekit-env``).
+
+Wall time is measured around each child; peak RSS is that child's own ``ru_maxrss`` from
+``wait4`` (so one run never inherits another's peak). Results: a Markdown table on stdout and
+JSON in DATA/results.json. Each row records the 1-minute load average when it started: numbers
+taken while other jobs use the CPUs are not comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+FAPM = Path(sys.executable).parent / "fapm"
+MERGEKIT_ENV = HERE / ".venv-mergekit"
+SPARSITY = "0.9"
+BUF = 8 << 20
+
+
+def io_floor(base: Path, finetuned: Path, out: Path) -> float:
+    """Seconds to read every byte of both inputs and write (and fsync) one output's bytes."""
+    buf = bytearray(BUF)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    out_bytes = 0
+    for side in (base, finetuned):
+        for f in sorted(side.glob("*.safetensors")):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                pos = 0
+                while got := os.preadv(fd, [view], pos):
+                    pos += got
+            finally:
+                os.close(fd)
+            if side == finetuned:
+                out_bytes += pos
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = out_bytes
+        while left:
+            left -= os.write(fd, view[: min(left, BUF)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    out.unlink()
+    return seconds
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, object]:
+    """Run ``cmd``; wall seconds, the child's own peak RSS, exit code and stderr tail."""
+    load = load1()
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out_f.seek(0)
+        err_f.seek(0)
+        out, err = out_f.read(), err_f.read()
+    return {
+        "wall_s": round(wall, 3),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux reports kB
+        "user_s": round(usage.ru_utime, 2),
+        "sys_s": round(usage.ru_stime, 2),
+        "rc": proc.returncode,
+        "load1": round(load, 2),
+        "stdout": out[-2000:],
+        "stderr": err[-2000:],
+    }
+
+
+def fapm_commands() -> set[str]:
+    """Commands ``fapm --help`` lists (score, diff, merge may not exist yet)."""
+    text = subprocess.run([str(FAPM), "--help"], capture_output=True, text=True).stdout
+    found = set()
+    for line in text.splitlines():
+        word = line.strip().split(" ")[0] if line.startswith("  ") else ""
+        if word in {"prune", "score", "diff", "merge", "inspect"}:
+            found.add(word)
+    return found
+
+
+def mergekit_config(base: Path, finetuned: Path, path: Path) -> None:
+    # TIES with one model is magnitude pruning of its task vector: trim to the top 10%.
+    path.write_text(
+        "merge_method: ties\n"
+        f"base_model: {base}\n"
+        "models:\n"
+        f"  - model: {finetuned}\n"
+        "    parameters:\n"
+        "      density: 0.1\n"
+        "      weight: 1.0\n"
+        "dtype: bfloat16\n"
+    )
+
+
+def runs_for(
+    pair: Path, work: Path, commands: set[str], threads: int | None
+) -> list[tuple[str, list[str] | None]]:
+    base, ft = pair / "base", pair / "finetuned"
+    extra = ["--threads", str(threads)] if threads else []
+    out = str(work / "out")
+    prune = [str(FAPM), "prune", "-b", str(base), "-f", str(ft), "-s", SPARSITY, "-q", *extra]
+    runs: list[tuple[str, list[str] | None]] = [
+        ("io-floor", None),
+        ("fapm prune (fapm)", [*prune, "-o", out]),
+        ("fapm prune (magnitude)", [*prune, "-m", "magnitude", "-o", out]),
+    ]
+    tv = str(work / "tv")
+    if "diff" in commands:
+        runs.append(
+            ("fapm diff", [str(FAPM), "diff", "-b", str(base), "-f", str(ft), "-o", tv, "-q"])
+        )
+        if "merge" in commands:
+            runs.append(
+                (
+                    "fapm merge",
+                    [str(FAPM), "merge", "-b", str(base), "--task-vector", tv, "-o", out, "-q"],
+                )
+            )
+    if "score" in commands:
+        runs.append(
+            (
+                "fapm score",
+                [str(FAPM), "score", "-b", str(base), "-f", str(ft), "-s", SPARSITY, "--json"],
+            )
+        )
+    mk = MERGEKIT_ENV / "bin" / "mergekit-yaml"
+    if mk.exists():
+        cfg = work / "ties.yml"
+        mergekit_config(base, ft, cfg)
+        runs.append(("mergekit ties (density 0.1)", [str(mk), str(cfg), out, "--lazy-unpickle"]))
+    return runs
+
+
+def bench_size(
+    size: str, data: Path, repeat: int, commands: set[str], threads: int | None
+) -> dict[str, object]:
+    pair = data / size
+    t0 = time.perf_counter()
+    gen = subprocess.run(
+        [sys.executable, str(HERE / "make_pair.py"), str(pair), "--size", size],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    facts = json.loads(gen.stdout)
+    print(
+        f"[{size}] pair ready ({time.perf_counter() - t0:.0f} s): {facts['parameters']:,} params",
+        file=sys.stderr,
+    )
+    work = data / f"work-{size}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    rows: dict[str, list[dict[str, object]]] = {}
+    for rnd in range(repeat):
+        for name, cmd in runs_for(pair, work, commands, threads):
+            shutil.rmtree(work / "out", ignore_errors=True)
+            if cmd is None:
+                load = load1()
+                secs = io_floor(pair / "base", pair / "finetuned", work / "floor.bin")
+                row: dict[str, object] = {
+                    "wall_s": round(secs, 3),
+                    "rc": 0,
+                    "load1": round(load, 2),
+                }
+            else:
+                row = measure(cmd)
+            if name == "fapm diff":
+                pass  # keep the task vector for merge
+            rows.setdefault(name, []).append(row)
+            status = (
+                "ok"
+                if row["rc"] == 0
+                else f"FAILED rc={row['rc']}: {str(row.get('stderr'))[-300:]}"
+            )
+            print(
+                f"[{size}] round {rnd + 1} {name}: {row['wall_s']} s, "
+                f"{row.get('peak_rss_mb', '-')} MB, load {row['load1']} {status}",
+                file=sys.stderr,
+            )
+        shutil.rmtree(work / "tv", ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"facts": facts, "runs": rows}
+
+
+def summarize(size_result: dict[str, object]) -> list[dict[str, object]]:
+    facts = size_result["facts"]
+    assert isinstance(facts, dict)
+    params = int(facts["parameters"])
+    largest_f32_mb = 4 * int(facts["largest_tensor_numel"]) / 2**20
+    runs = size_result["runs"]
+    assert isinstance(runs, dict)
+    table = []
+    for name, rows in runs.items():
+        ok = [r for r in rows if r["rc"] == 0]
+        if not ok:
+            table.append({"run": name, "failed": True})
+            continue
+        wall = statistics.median(float(r["wall_s"]) for r in ok)
+        rss = max((float(r["peak_rss_mb"]) for r in ok if "peak_rss_mb" in r), default=None)
+        table.append(
+            {
+                "run": name,
+                "wall_s": round(wall, 2),
+                "mparams_per_s": round(params / wall / 1e6, 1),
+                "peak_rss_mb": rss,
+                "rss_budget_mb": round(2.5 * largest_f32_mb + 400, 0),
+                "load1": [r["load1"] for r in ok],
+            }
+        )
+    return table
+
+
+def markdown(results: dict[str, dict[str, object]]) -> str:
+    lines = []
+    for size, res in results.items():
+        facts = res["facts"]
+        assert isinstance(facts, dict)
+        table = summarize(res)
+        floor = next((r["wall_s"] for r in table if r["run"] == "io-floor"), None)
+        mk = next((r["wall_s"] for r in table if r["run"].startswith("mergekit")), None)
+        lines.append(
+            f"\n### {size}: {facts['parameters'] / 1e6:.0f}M parameters, "
+            f"{facts['bytes_per_side'] / 1e9:.2f} GB per checkpoint, largest tensor "
+            f"{facts['largest_tensor_numel'] / 1e6:.1f}M elements\n"
+        )
+        lines.append(
+            "| run | wall (s) | M params/s | × I/O floor | vs mergekit | peak RSS (MB) | RSS budget (MB) | load |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for r in table:
+            if r.get("failed"):
+                lines.append(f"| {r['run']} | failed | | | | | | |")
+                continue
+            w = float(r["wall_s"])
+            xf = f"{w / floor:.1f}" if floor else ""
+            xm = (
+                f"{mk / w:.1f}× faster"
+                if mk and not r["run"].startswith(("mergekit", "io"))
+                else ""
+            )
+            rss = r["peak_rss_mb"] if r["peak_rss_mb"] is not None else "—"
+            budget = r["rss_budget_mb"] if r["run"].startswith("fapm prune") else ""
+            load = ", ".join(str(x) for x in r["load1"])
+            lines.append(
+                f"| {r['run']} | {w} | {r['mparams_per_s']} | {xf} | {xm} | {rss} | {budget} | {load} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--sizes", default="small,large")
+    ap.add_argument("--data", type=Path, default=ROOT / "bench-data")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    commands = fapm_commands()
+    skipped = sorted({"score", "diff", "merge"} - commands)
+    if skipped:
+        print(f"fapm has no {', '.join(skipped)} command yet: skipped", file=sys.stderr)
+    if not (MERGEKIT_ENV / "bin" / "mergekit-yaml").exists():
+        print("mergekit not installed (make bench-mergekit-env): skipped", file=sys.stderr)
+    results = {
+        size: bench_size(size, args.data, args.repeat, commands, args.threads)
+        for size in args.sizes.split(",")
+    }
+    (args.data / "results.json").write_text(
+        json.dumps({"machine": machine(), "results": results}, indent=2)
+    )
+    print(f"Machine: {machine()}")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
