@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fapm_cli.errors import InputError
 from fapm_cli.header import Header, read_header
+
+if TYPE_CHECKING:
+    from fapm_cli.hub_source import DiskBudget
 
 # Files holding pickled weights: unpickling can run arbitrary code, so fapm never loads them.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -132,11 +135,14 @@ def is_plain_filename(name: str) -> bool:
     )
 
 
-def resolve_source(text: str) -> Source:
+def resolve_source(
+    text: str, *, budget: DiskBudget | None = None, show_progress: bool = False
+) -> Source:
     """Turn a ``--base``/``--finetuned``/``--task-vector`` value into a Source.
 
     A path that exists locally always wins; ``./org/name`` is therefore always local. Anything
-    else that looks like ``org/name[@revision]`` or ``hf://org/name[@revision]`` is a Hub repo.
+    else that looks like ``org/name[@revision]`` or ``hf://org/name[@revision]`` is a Hub repo;
+    ``budget`` and ``show_progress`` only concern Hub downloads (see ``hub_source``).
     """
     path = Path(text).expanduser()
     if not text.startswith("hf://") and path.exists():
@@ -157,7 +163,7 @@ def resolve_source(text: str) -> Source:
     from fapm_cli import hub_source  # deferred: huggingface_hub is only needed for Hub ids
 
     if hub_source.looks_like_repo_id(text):
-        return hub_source.HubSource.from_text(text)
+        return hub_source.HubSource.from_text(text, budget=budget, show_progress=show_progress)
     raise InputError(
         f"{text}: no such file or directory",
         hint="give a checkpoint directory, a .safetensors file or a Hub id like org/name@revision",

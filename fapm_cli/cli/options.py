@@ -57,6 +57,17 @@ MaxShardOpt = Annotated[
         "of its own.",
     ),
 ]
+DiskBudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--disk-budget",
+        metavar="SIZE",
+        help="Hub sources: keep at most SIZE of downloaded shards on disk (plus the one being "
+        "fetched), e.g. 20GB; each shard is deleted once its tensors are done. Shards already "
+        "in the Hugging Face cache cost nothing. [default: no limit, shards stay cached]",
+        show_default=False,
+    ),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(

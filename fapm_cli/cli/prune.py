@@ -10,6 +10,7 @@ import typer
 from fapm_cli.cli.boundary import boundary
 from fapm_cli.cli.options import (
     BaseOpt,
+    DiskBudgetOpt,
     FinetunedOpt,
     JsonOpt,
     MaxShardOpt,
@@ -144,6 +145,7 @@ def prune(
             help="Where config, tokenizer and other non-weight files are copied from.",
         ),
     ] = FilesFromChoice.finetuned,
+    disk_budget: DiskBudgetOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -162,6 +164,7 @@ def prune(
     try:
         frac = scoring.parse_sparsity(sparsity)
         shard_bytes = parse_size(max_shard_size)
+        budget_bytes = parse_size(disk_budget) if disk_budget is not None else None
         out_dtype = parse_dtype(dtype) if dtype else None
         if lam == float("inf"):  # typer's min=0 refuses negatives and NaN, not infinity
             raise ValueError("--lam inf is not a finite number")
@@ -190,6 +193,7 @@ def prune(
         max_shard_size=shard_bytes,
         files_from=engine.FilesFrom(files_from.value),
         overwrite=overwrite,
+        disk_budget=budget_bytes,
         progress=report.BarProgress(enabled=not quiet and not json_out),
     )
     for w in result.warnings:
