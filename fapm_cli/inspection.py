@@ -90,7 +90,7 @@ def inspect(checkpoint: Checkpoint, tensors: bool = False, match: str | None = N
     warnings: list[str] = []
     shards = [
         ShardSummary(name, len(h.tensors), h.file_size, h.header_bytes)
-        for name, h in checkpoint.shards.items()
+        for name, h in sorted(checkpoint.shards.items())  # by file name
     ]
     by_dtype: dict[str, list[int]] = {}
     for ref in checkpoint.tensors.values():
@@ -303,7 +303,7 @@ def verify(
             problems.append(f"{where}: index records shard {name!r}, which the index does not use")
 
     checks: list[ShardCheck] = []
-    for name, header in checkpoint.shards.items():
+    for name, header in sorted(checkpoint.shards.items()):
         size, digest = _hash_file(checkpoint, name, progress)
         if size != header.file_size:
             problems.append(
