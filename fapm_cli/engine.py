@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from fapm_cli import scoring
-from fapm_cli.errors import InputError, MismatchError, ResourceError, UsageError
+from fapm_cli.errors import InputError, MismatchError, UsageError
 from fapm_cli.header import DType, PlannedTensor
 from fapm_cli.pairing import pair_error
 from fapm_cli.reader import Checkpoint, TensorReader, TensorRef
@@ -237,9 +237,14 @@ def prune_tensor(
     finetuned: torch.Tensor,
     opts: PruneOptions,
     write: Callable[[torch.Tensor], None],
+    *,
+    on_mask: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> TensorResult:
     """Write ``base + mask * tau`` for one tensor, chunk by chunk; kept entries are finetuned's
-    bytes and dropped entries base's bytes whenever the dtypes allow it."""
+    bytes and dropped entries base's bytes whenever the dtypes allow it.
+
+    ``on_mask(start, stop, mask)`` sees each chunk's keep mask just before its output chunk is
+    written (task-vector outputs need both)."""
     out_dtype = getattr(torch, item.out.dtype.torch_name)
     b = base.reshape(-1)
     f = finetuned.reshape(-1)
@@ -265,6 +270,8 @@ def prune_tensor(
             out = _bits(torch.where(mask, _bits(fc), _bits(bc))).view(out_dtype)
         else:
             out = torch.where(mask, fc.to(out_dtype), bc.to(out_dtype))
+        if on_mask is not None:
+            on_mask(start, stop, mask)
         write(out)
     return TensorResult(
         item.name,
@@ -304,6 +311,26 @@ def _whole(
     )  # fmt: skip
 
 
+def process_item(
+    item: Item,
+    base: torch.Tensor | None,
+    finetuned: torch.Tensor | None,
+    opts: PruneOptions,
+    write: Callable[[torch.Tensor], None],
+    *,
+    on_mask: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> TensorResult:
+    """One item's output tensor, chunk by chunk, exactly as ``run_prune`` writes it."""
+    if item.action is Action.PRUNE:
+        assert base is not None and finetuned is not None
+        return prune_tensor(item, base, finetuned, opts, write, on_mask=on_mask)
+    if item.action is Action.BASE:
+        assert base is not None
+        return _whole(item, base, finetuned, write)
+    assert finetuned is not None
+    return _whole(item, finetuned, base, write)
+
+
 @dataclass
 class Sink:
     """Where output tensors go: ``begin(name)`` then ``write(chunk)`` calls, in plan order."""
@@ -319,8 +346,14 @@ def run_prune(
     opts: PruneOptions,
     sink: Sink,
     progress: Callable[[int], None] = lambda n: None,
+    *,
+    read_finetuned: Callable[[Item, torch.Tensor | None], torch.Tensor] | None = None,
 ) -> list[TensorResult]:
-    """Stream every item through the pruning and into ``sink``; returns one record per tensor."""
+    """Stream every item through the pruning and into ``sink``; returns one record per tensor.
+
+    ``read_finetuned(item, base_tensor)``, when given, supplies the finetuned tensor instead of
+    reading it from ``finetuned`` (a task vector rebuilds it from base; see ``merging``).
+    """
     base_reader = TensorReader(base)
     ft_reader = TensorReader(finetuned)
     last_use = _last_uses(items)
@@ -328,17 +361,11 @@ def run_prune(
     try:
         for pos, item in enumerate(items):
             b = base_reader.read(item.name) if item.base is not None else None
-            f = ft_reader.read(item.name) if item.finetuned is not None else None
+            f = None
+            if item.finetuned is not None:
+                f = read_finetuned(item, b) if read_finetuned else ft_reader.read(item.name)
             sink.begin(item.name)
-            if item.action is Action.PRUNE:
-                assert b is not None and f is not None
-                results.append(prune_tensor(item, b, f, opts, sink.write))
-            elif item.action is Action.BASE:
-                assert b is not None
-                results.append(_whole(item, b, f, sink.write))
-            else:
-                assert f is not None
-                results.append(_whole(item, f, b, sink.write))
+            results.append(process_item(item, b, f, opts, sink.write))
             del b, f
             for reader, side in ((base_reader, "base"), (ft_reader, "finetuned")):
                 for shard in last_use.get((side, pos), ()):
@@ -361,89 +388,6 @@ def _last_uses(items: Sequence[Item]) -> dict[tuple[str, int], list[str]]:
     for (side, shard), pos in last.items():
         out.setdefault((side, pos), []).append(shard)
     return out
-
-
-def order_for_disk(
-    items: Sequence[Item], cost: Callable[[str, str], int], budget: int
-) -> list[Item]:
-    """Reorder items so that downloaded shards are deleted early and disk use fits ``budget``.
-
-    ``cost(side, shard)`` is what reading that shard puts on disk (0 when local or cached).
-    ``run_prune`` fetches a shard at its first read and releases it after its last use, so the
-    order decides which shards are on disk together. Items are grouped by their (base shard,
-    finetuned shard) pair, and groups are taken greedily: fewest new fetches first, then most
-    shards completed; ties keep the plan's order, so aligned shardings keep it entirely.
-    Refuses, before anything is fetched, a budget that this order cannot keep.
-    """
-    groups: dict[tuple[str | None, str | None], list[Item]] = {}
-    for item in items:
-        key = (
-            item.base.shard if item.base else None,
-            item.finetuned.shard if item.finetuned else None,
-        )
-        groups.setdefault(key, []).append(item)
-
-    def costly(key: tuple[str | None, str | None]) -> list[tuple[str, str]]:
-        pairs = zip(("base", "finetuned"), key, strict=True)
-        return [(side, s) for side, s in pairs if s is not None and cost(side, s) > 0]
-
-    users: dict[tuple[str, str], int] = {}
-    for key in groups:
-        for shard in costly(key):
-            users[shard] = users.get(shard, 0) + 1
-    held: set[tuple[str, str]] = set()
-    pending = list(groups)
-    ordered: list[Item] = []
-    while pending:
-
-        def rank(entry: tuple[int, tuple[str | None, str | None]]) -> tuple[int, int, int]:
-            pos, key = entry
-            shards = costly(key)
-            new = sum(s not in held for s in shards)
-            completed = sum(users[s] == 1 for s in shards)
-            return new, -completed, pos
-
-        pos, key = min(enumerate(pending), key=rank)
-        pending.pop(pos)
-        ordered.extend(groups[key])
-        for shard in costly(key):
-            users[shard] -= 1
-            if users[shard]:
-                held.add(shard)
-            else:
-                held.discard(shard)
-
-    need = disk_needed(ordered, cost)
-    if need > budget:
-        raise ResourceError(
-            f"--disk-budget {budget} bytes is too small: {need} bytes of shards must stay on "
-            "disk while the next one is fetched",
-            hint=f"raise --disk-budget to at least {need} bytes, or download the checkpoints first",
-        )
-    return ordered
-
-
-def disk_needed(items: Sequence[Item], cost: Callable[[str, str], int]) -> int:
-    """The smallest budget ``items`` fit in, processed in this order: the most bytes held at
-    the moment a shard is fetched (peak use is that plus the fetched shard)."""
-    last: dict[tuple[str, str], int] = {}
-    for pos, item in enumerate(items):
-        for side, ref in (("base", item.base), ("finetuned", item.finetuned)):
-            if ref is not None:
-                last[(side, ref.shard)] = pos
-    held: dict[tuple[str, str], int] = {}
-    need = 0
-    for pos, item in enumerate(items):
-        for side, ref in (("base", item.base), ("finetuned", item.finetuned)):  # read order
-            if ref is None or (side, ref.shard) in held:
-                continue
-            nbytes = cost(side, ref.shard)
-            if nbytes:
-                need = max(need, sum(held.values()))
-                held[(side, ref.shard)] = nbytes
-        for shard in [s for s in held if last[s] == pos]:
-            del held[shard]
-    return need
 
 
 def summarize(results: Sequence[TensorResult]) -> dict[str, float | int]:
@@ -553,29 +497,17 @@ def prune(
     files_from: FilesFrom = FilesFrom.FINETUNED,
     overwrite: bool = False,
     progress: Progress | None = None,
-    disk_budget: int | None = None,
 ) -> PruneReport:
-    """Prune ``finetuned`` against ``base`` and write the merged checkpoint to ``output``.
-
-    ``disk_budget`` bounds the bytes of downloaded Hub shards kept on disk (see hub_source).
-    """
+    """Prune ``finetuned`` against ``base`` and write the merged checkpoint to ``output``."""
     from fapm_cli.reader import open_checkpoint
     from fapm_cli.sources import resolve_source
     from fapm_cli.writer import CheckpointWriter, check_output_path
 
     started = time.monotonic()
-    budget = None
-    if disk_budget is not None:
-        from fapm_cli.hub_source import DiskBudget
-
-        budget = DiskBudget(disk_budget)
-    show = bool(getattr(progress, "enabled", False))  # Hub download bars follow the main bar
     progress = progress or NoProgress()
-    base = open_checkpoint(resolve_source(base_source, budget=budget, show_progress=show))
-    finetuned = open_checkpoint(resolve_source(finetuned_source, budget=budget, show_progress=show))
+    base = open_checkpoint(resolve_source(base_source))
+    finetuned = open_checkpoint(resolve_source(finetuned_source))
     items = plan_prune(base, finetuned, opts)
-    if budget is not None:
-        items = order_for_disk(items, _fetch_costs(base, finetuned), budget.limit)
     warnings = [f"pattern {p!r} matches no tensor" for p in unmatched_patterns(items, opts)]
     out = Path(output)
     check_output_path(out, _local_paths(base, finetuned), overwrite)
@@ -600,8 +532,6 @@ def prune(
         raise
     finally:
         progress.close()
-        if budget is not None:
-            budget.close()  # removes shards still held, e.g. after an error
     return PruneReport(
         str(out),
         base.source.provenance(),
@@ -612,18 +542,6 @@ def prune(
         time.monotonic() - started,
         warnings,
     )
-
-
-def _fetch_costs(base: Checkpoint, finetuned: Checkpoint) -> Callable[[str, str], int]:
-    """Bytes each shard would add to the disk when read (0 unless a Hub download)."""
-    from fapm_cli.hub_source import fetch_size
-
-    costs = {
-        (side, shard): fetch_size(c.source, shard, header)
-        for side, c in (("base", base), ("finetuned", finetuned))
-        for shard, header in c.shards.items()
-    }
-    return lambda side, shard: costs.get((side, shard), 0)
 
 
 def _local_paths(*checkpoints: Checkpoint) -> list[Path]:
