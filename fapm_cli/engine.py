@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from fapm_cli import scoring
-from fapm_cli.errors import InputError, MismatchError, UsageError
+from fapm_cli.errors import InputError, MismatchError, ResourceError, UsageError
 from fapm_cli.header import DType, PlannedTensor
 from fapm_cli.pairing import pair_error
 from fapm_cli.reader import Checkpoint, TensorReader, TensorRef
@@ -390,6 +390,89 @@ def _last_uses(items: Sequence[Item]) -> dict[tuple[str, int], list[str]]:
     return out
 
 
+def order_for_disk(
+    items: Sequence[Item], cost: Callable[[str, str], int], budget: int
+) -> list[Item]:
+    """Reorder items so that downloaded shards are deleted early and disk use fits ``budget``.
+
+    ``cost(side, shard)`` is what reading that shard puts on disk (0 when local or cached).
+    ``run_prune`` fetches a shard at its first read and releases it after its last use, so the
+    order decides which shards are on disk together. Items are grouped by their (base shard,
+    finetuned shard) pair, and groups are taken greedily: fewest new fetches first, then most
+    shards completed; ties keep the plan's order, so aligned shardings keep it entirely.
+    Refuses, before anything is fetched, a budget that this order cannot keep.
+    """
+    groups: dict[tuple[str | None, str | None], list[Item]] = {}
+    for item in items:
+        key = (
+            item.base.shard if item.base else None,
+            item.finetuned.shard if item.finetuned else None,
+        )
+        groups.setdefault(key, []).append(item)
+
+    def costly(key: tuple[str | None, str | None]) -> list[tuple[str, str]]:
+        pairs = zip(("base", "finetuned"), key, strict=True)
+        return [(side, s) for side, s in pairs if s is not None and cost(side, s) > 0]
+
+    users: dict[tuple[str, str], int] = {}
+    for key in groups:
+        for shard in costly(key):
+            users[shard] = users.get(shard, 0) + 1
+    held: set[tuple[str, str]] = set()
+    pending = list(groups)
+    ordered: list[Item] = []
+    while pending:
+
+        def rank(entry: tuple[int, tuple[str | None, str | None]]) -> tuple[int, int, int]:
+            pos, key = entry
+            shards = costly(key)
+            new = sum(s not in held for s in shards)
+            completed = sum(users[s] == 1 for s in shards)
+            return new, -completed, pos
+
+        pos, key = min(enumerate(pending), key=rank)
+        pending.pop(pos)
+        ordered.extend(groups[key])
+        for shard in costly(key):
+            users[shard] -= 1
+            if users[shard]:
+                held.add(shard)
+            else:
+                held.discard(shard)
+
+    need = disk_needed(ordered, cost)
+    if need > budget:
+        raise ResourceError(
+            f"--disk-budget {budget} bytes is too small: {need} bytes of shards must stay on "
+            "disk while the next one is fetched",
+            hint=f"raise --disk-budget to at least {need} bytes, or download the checkpoints first",
+        )
+    return ordered
+
+
+def disk_needed(items: Sequence[Item], cost: Callable[[str, str], int]) -> int:
+    """The smallest budget ``items`` fit in, processed in this order: the most bytes held at
+    the moment a shard is fetched (peak use is that plus the fetched shard)."""
+    last: dict[tuple[str, str], int] = {}
+    for pos, item in enumerate(items):
+        for side, ref in (("base", item.base), ("finetuned", item.finetuned)):
+            if ref is not None:
+                last[(side, ref.shard)] = pos
+    held: dict[tuple[str, str], int] = {}
+    need = 0
+    for pos, item in enumerate(items):
+        for side, ref in (("base", item.base), ("finetuned", item.finetuned)):  # read order
+            if ref is None or (side, ref.shard) in held:
+                continue
+            nbytes = cost(side, ref.shard)
+            if nbytes:
+                need = max(need, sum(held.values()))
+                held[(side, ref.shard)] = nbytes
+        for shard in [s for s in held if last[s] == pos]:
+            del held[shard]
+    return need
+
+
 def summarize(results: Sequence[TensorResult]) -> dict[str, float | int]:
     pruned = [r for r in results if r.action is Action.PRUNE]
     numel = sum(r.numel for r in pruned)
@@ -497,17 +580,29 @@ def prune(
     files_from: FilesFrom = FilesFrom.FINETUNED,
     overwrite: bool = False,
     progress: Progress | None = None,
+    disk_budget: int | None = None,
 ) -> PruneReport:
-    """Prune ``finetuned`` against ``base`` and write the merged checkpoint to ``output``."""
+    """Prune ``finetuned`` against ``base`` and write the merged checkpoint to ``output``.
+
+    ``disk_budget`` bounds the bytes of downloaded Hub shards kept on disk (see hub_source).
+    """
     from fapm_cli.reader import open_checkpoint
     from fapm_cli.sources import resolve_source
     from fapm_cli.writer import CheckpointWriter, check_output_path
 
     started = time.monotonic()
+    budget = None
+    if disk_budget is not None:
+        from fapm_cli.hub_source import DiskBudget
+
+        budget = DiskBudget(disk_budget)
+    show = bool(getattr(progress, "enabled", False))  # Hub download bars follow the main bar
     progress = progress or NoProgress()
-    base = open_checkpoint(resolve_source(base_source))
-    finetuned = open_checkpoint(resolve_source(finetuned_source))
+    base = open_checkpoint(resolve_source(base_source, budget=budget, show_progress=show))
+    finetuned = open_checkpoint(resolve_source(finetuned_source, budget=budget, show_progress=show))
     items = plan_prune(base, finetuned, opts)
+    if budget is not None:
+        items = order_for_disk(items, _fetch_costs(base, finetuned), budget.limit)
     warnings = [f"pattern {p!r} matches no tensor" for p in unmatched_patterns(items, opts)]
     out = Path(output)
     check_output_path(out, _local_paths(base, finetuned), overwrite)
@@ -532,6 +627,8 @@ def prune(
         raise
     finally:
         progress.close()
+        if budget is not None:
+            budget.close()  # removes shards still held, e.g. after an error
     return PruneReport(
         str(out),
         base.source.provenance(),
@@ -542,6 +639,18 @@ def prune(
         time.monotonic() - started,
         warnings,
     )
+
+
+def _fetch_costs(base: Checkpoint, finetuned: Checkpoint) -> Callable[[str, str], int]:
+    """Bytes each shard would add to the disk when read (0 unless a Hub download)."""
+    from fapm_cli.hub_source import fetch_size
+
+    costs = {
+        (side, shard): fetch_size(c.source, shard, header)
+        for side, c in (("base", base), ("finetuned", finetuned))
+        for shard, header in c.shards.items()
+    }
+    return lambda side, shard: costs.get((side, shard), 0)
 
 
 def _local_paths(*checkpoints: Checkpoint) -> list[Path]:
