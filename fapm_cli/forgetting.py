@@ -55,7 +55,13 @@ _MODULE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("q", re.compile(r"(?:^|\.)(?:q_proj|q|query|wq)\.")),
     ("k", re.compile(r"(?:^|\.)(?:k_proj|k|key|wk)\.")),
     ("v", re.compile(r"(?:^|\.)(?:v_proj|v|value|wv)\.")),
-    ("o", re.compile(r"(?:^|\.)(?:o_proj|out_proj|o|wo|c_proj)\.(?!.*mlp)|attn.*\.dense\.")),
+    (
+        "o",
+        re.compile(
+            r"^(?!.*(?:mlp|feed_forward|ffn))"  # GPT-2's mlp.c_proj is an MLP weight
+            r".*(?:(?:^|\.)(?:o_proj|out_proj|o|wo|c_proj)\.|(?:attn|attention)\.dense\.)"
+        ),
+    ),
     ("mlp", re.compile(r"mlp|feed_forward|ffn|experts|gate_proj|up_proj|down_proj|fc\d|w[123]\.")),
 )
 
@@ -310,7 +316,7 @@ def score(
     from fapm_cli.writer import CheckpointWriter, check_output_path
 
     started = time.monotonic()
-    progress = progress or engine.Progress()
+    progress = progress or engine.NoProgress()
     base = open_checkpoint(resolve_source(base_source))
     finetuned = open_checkpoint(resolve_source(finetuned_source))
     items = engine.plan_prune(base, finetuned, engine.PruneOptions(sparsity=sparsity, lam=lam))

@@ -1,0 +1,309 @@
+"""`fapm score`: every figure against an independent whole-tensor computation.
+
+The reference is tests/reference.py (scores, masks) plus float64 whole-tensor math here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from fapm_cli.forgetting import layer_of, module_of
+from tests.checkpoints import load_checkpoint, make_pair, tree_hash, write_checkpoint
+from tests.reference import reference_mask, reference_scores
+
+runner = CliRunner()
+
+# Hand labels for tests/checkpoints.SHAPES: (layer, module type).
+LABELS: dict[str, tuple[int | None, str]] = {
+    "model.embed_tokens.weight": (None, "embeddings"),
+    "model.layers.0.self_attn.q_proj.weight": (0, "q"),
+    "model.layers.0.self_attn.q_proj.bias": (0, "q"),
+    "model.layers.0.mlp.up_proj.weight": (0, "mlp"),
+    "model.layers.0.input_layernorm.weight": (0, "norms"),
+    "model.layers.1.mlp.down_proj.weight": (1, "mlp"),
+    "model.layers.1.odd": (1, "other"),
+    "model.layers.1.one": (1, "other"),
+    "model.layers.1.scalar": (1, "other"),
+    "model.norm.weight": (None, "norms"),
+    "lm_head.weight": (None, "lm_head"),
+}
+
+
+def fapm(*args: str) -> tuple[int, str, str]:
+    from fapm_cli.cli.app import app
+
+    r = runner.invoke(app, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def expected(
+    names: list[str], base: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], s: Fraction
+) -> dict[str, float | int | None]:
+    """The figures over the union of ``names``, from whole tensors in float64."""
+    b = torch.cat([base[n].reshape(-1).double() for n in names])
+    f = torch.cat([ft[n].reshape(-1).double() for n in names])
+    tau = f - b
+    nz = b != 0
+    positive = sum(int((reference_scores(base[n], ft[n], "fapm") > 0).sum()) for n in names)
+    fm = torch.cat([reference_mask(base[n], ft[n], s, "fapm").reshape(-1) for n in names])
+    mm = torch.cat([reference_mask(base[n], ft[n], s, "magnitude").reshape(-1) for n in names])
+    sq = float((tau * tau).sum())
+    union = int((fm | mm).sum())
+    n = b.numel()
+    return {
+        "numel": n,
+        "mean_abs_tau": float(tau.abs().mean()) if n else None,
+        "mean_abs_base": float(b.abs().mean()) if n else None,
+        "mean_rel_change": float((tau[nz].abs() / b[nz].abs()).mean()) if nz.any() else None,
+        "base_zero": int((~nz).sum()),
+        "positive_score_fraction": positive / n if n else None,
+        "fapm_sq_norm_kept_fraction": float((tau * tau)[fm].sum()) / sq if sq else None,
+        "magnitude_sq_norm_kept_fraction": float((tau * tau)[mm].sum()) / sq if sq else None,
+        "mask_jaccard": int((fm & mm).sum()) / union if union else None,
+        "kept": int(fm.sum()),
+    }
+
+
+def assert_figures(got: dict[str, object], want: dict[str, float | int | None]) -> None:
+    for key, value in want.items():
+        if value is None or isinstance(value, int) or key == "positive_score_fraction":
+            assert got[key] == value, key  # counts and shares of counts: exact
+        else:
+            # element-wise math is float32 in fapm, float64 here
+            assert got[key] == pytest.approx(value, rel=2e-6, abs=1e-12), key
+
+
+@pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def pair(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    base, ft = make_pair(seed=5, dtype=request.param)
+    b = write_checkpoint(tmp_path / "base", base, shard_bytes=1800)
+    f = write_checkpoint(tmp_path / "ft", ft, shard_bytes=2600)
+    return b, f, base, ft
+
+
+@pytest.mark.parametrize("sparsity", ["0.9", "0.5", "0", "1"])
+def test_every_figure_matches_an_independent_computation(
+    pair: tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]], sparsity: str
+) -> None:
+    b, f, base, ft = pair
+    s = Fraction(sparsity)
+    before = tree_hash(b.parent)
+    code, out, err = fapm("score", "-b", str(b), "-f", str(f), "-s", sparsity, "--format", "json")
+    assert (code, err) == (0, ""), err
+    doc = json.loads(out)
+    assert doc["command"] == "score" and doc["sparsity"] == float(s) and doc["lam"] == 1.0
+    assert doc["skipped"] == ["model.position_ids"]  # integer: copied by prune, not scored
+    rows = {t["name"]: t for t in doc["tensors"]}
+    assert set(rows) == set(LABELS)
+    for name, (layer, module) in LABELS.items():
+        assert (rows[name]["layer"], rows[name]["module"]) == (layer, module)
+        assert rows[name]["shape"] == list(base[name].shape)
+        assert_figures(rows[name], expected([name], base, ft, s))
+
+    layers = {r["layer"]: r for r in doc["layers"]}
+    assert list(layers) == [0, 1, None]
+    for layer, row in layers.items():
+        assert_figures(row, expected([n for n, v in LABELS.items() if v[0] == layer], base, ft, s))
+    modules = {r["module"]: r for r in doc["modules"]}
+    assert list(modules) == ["embeddings", "q", "mlp", "norms", "lm_head", "other"]
+    for module, row in modules.items():
+        names = [n for n, v in LABELS.items() if v[1] == module]
+        assert_figures(row, expected(names, base, ft, s))
+    for cell in doc["cells"]:
+        names = [n for n, v in LABELS.items() if v == (cell["layer"], cell["module"])]
+        assert names
+        assert_figures(cell, expected(names, base, ft, s))
+    assert_figures(doc["total"], expected(list(LABELS), base, ft, s))
+    assert tree_hash(b.parent) == before  # inputs untouched, and no model written
+
+
+def test_figures_by_hand_on_the_method_worked_example(tmp_path: Path) -> None:
+    # ../shared/METHOD.md: s = 0.75 keeps {2, 5} (fapm) and {2, 4} (magnitude).
+    w_pre = torch.tensor([[0.020, -0.001, 0.015, 0.030], [0.005, -0.025, 0.0005, 0.010]])
+    tau = torch.tensor([[1e-4, 2e-4, -3e-4, 5e-5], [-4e-4, 1e-4, 3e-4, -2e-4]])
+    b = write_checkpoint(tmp_path / "b", {"w": w_pre})
+    f = write_checkpoint(tmp_path / "f", {"w": w_pre + tau})
+    code, out, _ = fapm("score", "-b", str(b), "-f", str(f), "-s", "0.75", "--format", "json")
+    assert code == 0
+    row = json.loads(out)["tensors"][0]
+    assert row["kept"] == 2
+    assert row["mask_jaccard"] == pytest.approx(1 / 3)  # {2,5} vs {2,4}
+    assert row["positive_score_fraction"] == 4 / 8  # S > 0 at flat indices 0, 2, 3, 5
+    sq = [x * x for x in (1e-4, 2e-4, 3e-4, 5e-5, 4e-4, 1e-4, 3e-4, 2e-4)]
+    assert row["fapm_sq_norm_kept_fraction"] == pytest.approx((sq[2] + sq[5]) / sum(sq), rel=1e-5)
+    assert row["magnitude_sq_norm_kept_fraction"] == pytest.approx(
+        (sq[2] + sq[4]) / sum(sq), rel=1e-5
+    )
+    assert row["mean_abs_base"] == pytest.approx(0.0133125, rel=1e-6)
+
+
+def test_sort_and_top(
+    pair: tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]],
+) -> None:
+    b, f, base, ft = pair
+    args = ["score", "-b", str(b), "-f", str(f), "--format", "json"]
+    code, out, _ = fapm(*args, "--sort", "mean_rel_change", "--top", "3")
+    assert code == 0
+    doc = json.loads(out)
+    s = Fraction(9, 10)
+    want = sorted(LABELS, key=lambda n: -(expected([n], base, ft, s)["mean_rel_change"] or 0))[:3]
+    assert [t["name"] for t in doc["tensors"]] == want
+    assert (doc["sort"], doc["top"]) == ("mean_rel_change", 3)
+    assert len(doc["layers"]) == 3  # roll-ups cover every tensor, whatever --top says
+    assert doc["total"]["numel"] == sum(base[n].numel() for n in LABELS)
+    _, out, _ = fapm(*args, "--sort", "name")
+    assert [t["name"] for t in json.loads(out)["tensors"]] == sorted(LABELS)
+    code, _, err = fapm(*args, "--sort", "bogus")
+    assert code == 2 and "bogus" in err
+
+
+def test_csv_parses_and_matches_json(
+    pair: tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]],
+) -> None:
+    b, f, _, _ = pair
+    common = ["score", "-b", str(b), "-f", str(f), "--sort", "numel"]
+    code, out, err = fapm(*common, "--format", "csv")
+    assert (code, err) == (0, "")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    doc = json.loads(fapm(*common, "--format", "json")[1])
+    tensors = [r for r in rows if r["level"] == "tensor"]
+    assert [r["name"] for r in tensors] == [t["name"] for t in doc["tensors"]]
+    for r, t in zip(tensors, doc["tensors"], strict=True):
+        assert int(r["numel"]) == t["numel"]
+        assert float(r["mean_abs_tau"]) == t["mean_abs_tau"]
+        assert r["layer"] == ("" if t["layer"] is None else str(t["layer"]))
+        jac = t["mask_jaccard"]
+        assert r["mask_jaccard"] == ("" if jac is None else repr(jac))
+    assert [r["name"] for r in rows if r["level"] == "layer"] == ["0", "1", "none"]
+    assert [r["name"] for r in rows if r["level"] == "module"] == [
+        m["module"] for m in doc["modules"]
+    ]
+    (total,) = [r for r in rows if r["level"] == "total"]
+    assert float(total["fapm_sq_norm_kept_fraction"]) == doc["total"]["fapm_sq_norm_kept_fraction"]
+
+
+def test_table_output(
+    pair: tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]],
+) -> None:
+    b, f, _, _ = pair
+    code, out, err = fapm("score", "-b", str(b), "-f", str(f), "--top", "2", "--sort", "numel")
+    assert (code, err) == (0, "")
+    assert "tensors (2 of 11)" in out and "per layer" in out and "per module type" in out
+    assert "where base == 0" in out  # says that zero-base entries are excluded
+
+
+def test_html_plot_is_self_contained(
+    tmp_path: Path, pair: tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]
+) -> None:
+    b, f, _, _ = pair
+    page = tmp_path / "plot.html"
+    code, out, _ = fapm(
+        "score", "-b", str(b), "-f", str(f), "--plot", str(page), "--format", "json"
+    )
+    assert code == 0 and json.loads(out)["plot"] == str(page)
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "<svg" in text
+    assert "<script" not in text and "http://" not in text.replace("http://www.w3.org", "")
+    cells = {(la, m) for la, m in LABELS.values()}
+    grid = 3 * 6  # layers 0, 1, none x the six module types present
+    assert text.count("<rect") == grid + 5  # + 5 legend stops
+    assert text.count('fill="#eeeeee"') == grid - len(cells)  # grey: no such tensors
+    assert "layer 1, mlp: mean_rel_change" in text
+
+
+def test_png_plot(
+    tmp_path: Path, pair: tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]
+) -> None:
+    pytest.importorskip("matplotlib")
+    b, f, _, _ = pair
+    png = tmp_path / "plot.png"
+    code, _, err = fapm("score", "-b", str(b), "-f", str(f), "--plot", str(png), "-q")
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_png_without_matplotlib_is_a_usage_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pair: tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]],
+) -> None:
+    b, f, _, _ = pair
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # find_spec then reports it missing
+    code, out, err = fapm("score", "-b", str(b), "-f", str(f), "--plot", str(tmp_path / "p.png"))
+    assert code == 2 and out == ""
+    assert "matplotlib" in err and "fapm[plot]" in err
+    code, _, err = fapm("score", "-b", str(b), "-f", str(f), "--plot", str(tmp_path / "p.svg"))
+    assert code == 2 and ".svg" in err
+    assert not list(tmp_path.glob("p.*"))
+
+
+def test_save_scores_writes_the_fapm_scores(
+    tmp_path: Path, pair: tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]
+) -> None:
+    b, f, base, ft = pair
+    out = tmp_path / "scores"
+    code, _, err = fapm("score", "-b", str(b), "-f", str(f), "--save-scores", str(out), "-q")
+    assert (code, err) == (0, "")
+    scores = load_checkpoint(out)
+    assert set(scores) == set(LABELS)
+    for name in LABELS:
+        want = reference_scores(base[name], ft[name], "fapm").to(torch.float32)
+        assert scores[name].dtype == torch.float32
+        assert scores[name].shape == base[name].shape
+        assert torch.equal(scores[name].reshape(-1), want), name
+    with safe_open(str(next(out.glob("*.safetensors"))), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["fapm.kind"] == "scores" and meta["fapm.lam"] == "1.0"
+    # the output exists now: a second run refuses it unless --overwrite
+    code, _, err = fapm("score", "-b", str(b), "-f", str(f), "--save-scores", str(out))
+    assert code == 5 and "already exists" in err
+    code, _, _ = fapm("score", "-b", str(b), "-f", str(f), "--save-scores", str(out), "--overwrite")
+    assert code == 0
+
+
+def test_refuses_what_prune_refuses(tmp_path: Path) -> None:
+    base, ft = make_pair()
+    ft["model.layers.1.odd"] = torch.ones(11)
+    b = write_checkpoint(tmp_path / "b", base)
+    f = write_checkpoint(tmp_path / "f", ft)
+    code, out, err = fapm("score", "-b", str(b), "-f", str(f))
+    assert code == 4 and out == "" and "model.layers.1.odd" in err
+    code, _, err = fapm("score", "-b", str(b), "-f", str(b), "-s", "1.5")
+    assert code == 2 and "sparsity" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "layer", "module"),
+    [
+        ("model.layers.12.self_attn.k_proj.weight", 12, "k"),
+        ("model.layers.3.self_attn.v_proj.bias", 3, "v"),
+        ("model.layers.3.self_attn.o_proj.weight", 3, "o"),
+        ("model.layers.0.post_attention_layernorm.weight", 0, "norms"),
+        ("model.layers.7.mlp.gate_proj.weight", 7, "mlp"),
+        ("transformer.h.5.attn.c_attn.weight", 5, "qkv"),
+        ("transformer.h.5.mlp.c_fc.weight", 5, "mlp"),
+        ("transformer.h.5.mlp.c_proj.weight", 5, "mlp"),
+        ("transformer.h.5.attn.c_proj.weight", 5, "o"),
+        ("transformer.h.5.ln_1.weight", 5, "norms"),
+        ("transformer.wte.weight", None, "embeddings"),
+        ("gpt_neox.layers.2.attention.query_key_value.weight", 2, "qkv"),
+        ("gpt_neox.layers.2.attention.dense.weight", 2, "o"),
+        ("lm_head.weight", None, "lm_head"),
+        ("model.rotary.inv_freq", None, "other"),
+    ],
+)
+def test_layer_and_module_from_names(name: str, layer: int | None, module: str) -> None:
+    assert layer_of(name) == layer
+    assert module_of(name) == module
