@@ -69,6 +69,12 @@ class Record:
         m = re.match(r"^/[^/]+/[^/]+/resolve/[^/]+/(.+)$", self.path)
         return unquote(m.group(1)) if m else None
 
+    @property
+    def repo(self) -> str | None:
+        """The repo id of a /resolve/ request."""
+        m = re.match(r"^/([^/]+/[^/]+)/resolve/", self.path)
+        return m.group(1) if m else None
+
 
 def etag_of(name: str, blob: Blob) -> str:
     """What the Hub sends as ETag, and so the blob's name in the huggingface_hub cache."""
@@ -111,8 +117,12 @@ class FakeHub:
             if r.method == "GET" and r.range is None and (r.file or "").endswith(suffix)
         ]
 
-    def bytes_sent(self, file: str) -> int:
-        return sum(r.body_bytes for r in self.records if r.method == "GET" and r.file == file)
+    def bytes_sent(self, repo: str, file: str) -> int:
+        return sum(
+            r.body_bytes
+            for r in self.records
+            if r.method == "GET" and r.repo == repo and r.file == file
+        )
 
     # -- server --------------------------------------------------------------------------
     def start(self) -> str:
