@@ -376,3 +376,162 @@ def score_json(
         **report_json(r, rows, sort, top),
         "plot": plot,
     }
+
+
+# -- task vectors: prune --task-vector / --save task-vector, diff, merge ------------------------
+
+
+def tv_tensor_json(t: Any) -> dict[str, Any]:
+    """One ``merging.TVTensor``: how a tensor was stored in a task vector."""
+    return {
+        "name": t.name,
+        "shape": list(t.shape),
+        "repr": t.repr.value,
+        "dtype": t.dtype,
+        "model_dtype": t.model_dtype,
+        "numel": t.numel,
+        "kept": t.kept,
+        "positions": t.positions,
+        "bytes": t.nbytes,
+    }
+
+
+def _stored_totals(tensors: list[Any]) -> dict[str, Any]:
+    reprs: dict[str, int] = {"delta": 0, "values": 0, "sparse": 0}
+    for t in tensors:
+        reprs[t.repr.value] += 1
+    return {"bytes": sum(t.nbytes for t in tensors), "tensors_by_repr": reprs}
+
+
+def prune_tv_json(r: Any) -> dict[str, Any]:
+    """``fapm prune`` JSON: prune_json plus save, format, task_vector and the stored layout."""
+    out = prune_json(r.prune)
+    out["save"] = r.save.value
+    out["format"] = r.format.value
+    out["task_vector"] = r.task_vector
+    out["stored"] = (
+        {**_stored_totals(r.tv_tensors), "passes": r.passes,
+         "tensors": [tv_tensor_json(t) for t in r.tv_tensors]}
+        if r.tv_tensors else None
+    )  # fmt: skip
+    return out
+
+
+def print_prune_tv(r: Any) -> None:
+    if r.task_vector:
+        console().print(f"finetuned rebuilt from task vector {r.task_vector}")
+    if r.tv_tensors:
+        totals = _stored_totals(r.tv_tensors)
+        reprs = ", ".join(f"{n} {k}" for k, n in totals["tensors_by_repr"].items() if n)
+        console().print(
+            f"saved the pruned task vector ({r.format.value}): {reprs} tensor(s), "
+            f"{human_bytes(totals['bytes'])} of tensor data"
+        )
+
+
+def diff_json(r: Any) -> dict[str, Any]:
+    from fapm_cli import __version__
+
+    return {
+        "schema": JSON_SCHEMA_VERSION,
+        "command": "diff",
+        "fapm_version": __version__,
+        "output": r.output,
+        "base": r.base,
+        "finetuned": r.finetuned,
+        "exact": r.exact,
+        "passes": r.passes,
+        "totals": {
+            "tensors": len(r.tensors),
+            "parameters": sum(t.numel for t in r.tensors),
+            "changed": sum(t.kept for t in r.tensors if t.repr.value == "delta"),
+            **_stored_totals(r.tensors),
+        },
+        "shards": [{"name": k, **v} for k, v in r.shards.items()],
+        "tensors": [tv_tensor_json(t) for t in r.tensors],
+        "warnings": r.warnings,
+        "seconds": round(r.seconds, 3),
+    }
+
+
+def print_diff(r: Any) -> None:
+    from rich.table import Table
+
+    j = diff_json(r)
+    t = j["totals"]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("output", r.output)
+    reprs = ", ".join(f"{n} {k}" for k, n in t["tensors_by_repr"].items() if n)
+    dtypes = sorted({x.dtype for x in r.tensors if x.repr.value == "delta"})
+    table.add_row("task vector", f"{t['tensors']} tensors: {reprs} (deltas in {', '.join(dtypes)})")
+    table.add_row("exact", "yes: base + task vector = finetuned, bit for bit" if r.exact
+                  else "no (--dtype rounds the deltas)")  # fmt: skip
+    size = sum(int(v["bytes"]) for v in r.shards.values())
+    table.add_row("written", f"{len(r.shards)} shard(s), {human_bytes(size)} in {r.seconds:.1f} s")
+    console().print(table)
+
+
+def merge_json(r: Any) -> dict[str, Any]:
+    from fapm_cli import __version__
+
+    o = r.options
+    numel = sum(t.numel for t in r.tensors)
+    changed = sum(t.changed for t in r.tensors)
+    return {
+        "schema": JSON_SCHEMA_VERSION,
+        "command": "merge",
+        "fapm_version": __version__,
+        "output": r.output,
+        "base": r.base,
+        "inputs": r.inputs,
+        "pruning": None
+        if o is None
+        else {
+            "method": o.method.value,
+            "sparsity": float(o.sparsity),
+            "lam": o.lam,
+            "seed": o.seed,
+        },
+        "totals": {
+            "tensors": len(r.tensors),
+            "parameters": numel,
+            "changed": changed,
+            "changed_fraction": changed / numel if numel else 0.0,
+        },
+        "shards": [{"name": k, **v} for k, v in r.shards.items()],
+        "tensors": [
+            {
+                "name": t.name,
+                "shape": list(t.shape),
+                "dtype": t.dtype,
+                "numel": t.numel,
+                "changed": t.changed,
+                "inputs": t.inputs,
+            }
+            for t in r.tensors
+        ],
+        "warnings": r.warnings,
+        "seconds": round(r.seconds, 3),
+    }
+
+
+def print_merge(r: Any) -> None:
+    from rich.table import Table
+
+    t = merge_json(r)["totals"]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("output", r.output)
+    for i in r.inputs:
+        table.add_row(f"+ {i['weight']:g} x", f"{i['kind']} {i['source']} ({i['format']})")
+    table.add_row(
+        "changed",
+        f"{t['changed']:,} of {t['parameters']:,} entries ({t['changed_fraction']:.2%}) differ "
+        "from base",
+    )
+    size = sum(int(v["bytes"]) for v in r.shards.values())
+    table.add_row("written", f"{len(r.shards)} shard(s), {human_bytes(size)} in {r.seconds:.1f} s")
+    console().print(table)

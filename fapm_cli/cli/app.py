@@ -11,7 +11,9 @@ from typing import Annotated
 import typer
 
 from fapm_cli import __version__
+from fapm_cli.cli import diff as diff_cmd
 from fapm_cli.cli import inspect_cmd
+from fapm_cli.cli import merge as merge_cmd
 from fapm_cli.cli import prune as prune_cmd
 from fapm_cli.cli import score as score_cmd
 from fapm_cli.cli.boundary import set_debug
@@ -50,6 +52,8 @@ def main_options(
 
 
 app.command("prune", epilog=prune_cmd.EPILOG)(prune_cmd.prune)
+app.command("diff", epilog=diff_cmd.EPILOG)(diff_cmd.diff)
+app.command("merge", epilog=merge_cmd.EPILOG)(merge_cmd.merge)
 app.command("score", epilog=score_cmd.EPILOG)(score_cmd.score)
 app.command("inspect", epilog=inspect_cmd.EPILOG)(inspect_cmd.inspect)
 

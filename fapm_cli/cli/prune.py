@@ -11,7 +11,6 @@ from fapm_cli.cli.boundary import boundary
 from fapm_cli.cli.options import (
     BaseOpt,
     DiskBudgetOpt,
-    FinetunedOpt,
     JsonOpt,
     MaxShardOpt,
     OutputOpt,
@@ -40,6 +39,16 @@ class BaseOnlyChoice(StrEnum):
     keep = "keep"
 
 
+class SaveChoice(StrEnum):
+    model = "model"
+    task_vector = "task-vector"
+
+
+class FormatChoice(StrEnum):
+    dense = "dense"
+    compact = "compact"
+
+
 class FilesFromChoice(StrEnum):
     finetuned = "finetuned"
     base = "base"
@@ -54,6 +63,8 @@ Examples:
   fapm prune -b base/ -f sft/ -s 0.95 --keep-base '*embed_tokens*' \\
       --keep-base '*norm*' -o out/
   fapm prune -b base/ -f sft/ -m random --seed 1 -o out/ --json | jq .totals
+  fapm prune -b base/ -t tv/ -s 0.9 -o out/          # task vector from fapm diff
+  fapm prune -b base/ -f sft/ --save task-vector --format compact -o tv-0.9/
 
 \b
 Exit codes: 0 ok, 2 usage, 3 bad input, 4 base/finetuned mismatch,
@@ -64,8 +75,45 @@ Exit codes: 0 ok, 2 usage, 3 bad input, 4 base/finetuned mismatch,
 @boundary
 def prune(
     base: BaseOpt,
-    finetuned: FinetunedOpt,
     output: OutputOpt,
+    finetuned: Annotated[
+        str | None,
+        typer.Option(
+            "--finetuned",
+            "-f",
+            metavar="SOURCE",
+            help="Fine-tuned checkpoint of the same architecture (same forms as --base). "
+            "Give this or --task-vector.",
+            show_default=False,
+        ),
+    ] = None,
+    task_vector: Annotated[
+        str | None,
+        typer.Option(
+            "--task-vector",
+            "-t",
+            metavar="SOURCE",
+            help="A task vector (fapm diff, or prune --save task-vector) in place of "
+            "--finetuned: finetuned is rebuilt from base + task vector, bit for bit.",
+            show_default=False,
+        ),
+    ] = None,
+    save: Annotated[
+        SaveChoice,
+        typer.Option(
+            "--save",
+            help="Write the merged model, or the pruned task vector (base + it = the model).",
+        ),
+    ] = SaveChoice.model,
+    fmt: Annotated[
+        FormatChoice,
+        typer.Option(
+            "--format",
+            help="With --save task-vector: dense (same names and shapes, exact deltas) or "
+            "compact (kept values + bitmask or indices; ranked methods only). See "
+            "docs/formats.md.",
+        ),
+    ] = FormatChoice.dense,
     sparsity: Annotated[
         str,
         typer.Option(
@@ -155,11 +203,27 @@ def prune(
 
     Per tensor, scores every entry of tau = finetuned - base, keeps exactly
     floor(numel * (1 - S)) entries with the highest scores (ties: lowest index first), and
-    writes finetuned's value there and base's value elsewhere.
+    writes finetuned's value there and base's value elsewhere. --task-vector reads tau from
+    a task vector instead of a fine-tune; --save task-vector writes the pruned tau instead of
+    the model.
     """
-    from fapm_cli import engine, report, scoring
+    from fapm_cli import engine, merging, report, scoring
     from fapm_cli.header import parse_dtype
+    from fapm_cli.taskvector import Format
     from fapm_cli.writer import parse_size
+
+    if (finetuned is None) == (task_vector is None):
+        raise UsageError(
+            "give exactly one of --finetuned and --task-vector", hint="see fapm prune --help"
+        )
+    extended = task_vector is not None or save is not SaveChoice.model
+    if fmt is FormatChoice.compact and save is SaveChoice.model:
+        raise UsageError("--format compact needs --save task-vector", hint="see fapm prune --help")
+    if extended and disk_budget is not None:
+        raise UsageError(
+            "--disk-budget works with --finetuned and --save model only",
+            hint="download the checkpoints first, or drop --disk-budget",
+        )
 
     try:
         frac = scoring.parse_sparsity(sparsity)
@@ -185,21 +249,41 @@ def prune(
         on_base_only=engine.OnBaseOnly(on_base_only.value),
         dtype=out_dtype,
     )
-    result = engine.prune(
-        base,
-        finetuned,
-        output,
-        opts,
-        max_shard_size=shard_bytes,
-        files_from=engine.FilesFrom(files_from.value),
-        overwrite=overwrite,
-        disk_budget=budget_bytes,
-        progress=report.BarProgress(enabled=not quiet and not json_out),
-    )
+    progress = report.BarProgress(enabled=not quiet and not json_out)
+    if not extended:
+        assert finetuned is not None
+        result = engine.prune(
+            base,
+            finetuned,
+            output,
+            opts,
+            max_shard_size=shard_bytes,
+            files_from=engine.FilesFrom(files_from.value),
+            overwrite=overwrite,
+            disk_budget=budget_bytes,
+            progress=progress,
+        )
+        extra = merging.TVPruneReport(result, merging.Save.MODEL, Format.DENSE, None, [], 1)
+    else:
+        extra = merging.prune(
+            base,
+            output,
+            opts,
+            finetuned_source=finetuned,
+            task_vector_source=task_vector,
+            save=merging.Save(save.value),
+            fmt=Format(fmt.value),
+            max_shard_size=shard_bytes,
+            files_from=engine.FilesFrom(files_from.value),
+            overwrite=overwrite,
+            progress=progress,
+        )
+        result = extra.prune
     for w in result.warnings:
         if not quiet:
             report.warn(w)
     if json_out:
-        report.emit_json(report.prune_json(result))
+        report.emit_json(report.prune_tv_json(extra))
     elif not quiet:
         report.print_prune(result)
+        report.print_prune_tv(extra)

@@ -1,0 +1,93 @@
+"""``fapm diff``: write the task vector finetuned - base as a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from fapm_cli.cli.boundary import boundary
+from fapm_cli.cli.options import (
+    BaseOpt,
+    FinetunedOpt,
+    JsonOpt,
+    MaxShardOpt,
+    OutputOpt,
+    OverwriteOpt,
+    QuietOpt,
+    ThreadsOpt,
+)
+from fapm_cli.errors import UsageError
+
+EPILOG = """\
+Examples:
+
+\b
+  fapm diff -b ./llama-base -f ./llama-sft -o ./sft-tv
+  fapm merge -b ./llama-base -t ./sft-tv -o ./sft-again     # = llama-sft, bit for bit
+  fapm diff -b base/ -f sft/ --dtype bfloat16 -o tv-small/  # half the size, lossy
+
+\b
+Exit codes: 0 ok, 2 usage, 3 bad input, 4 base/finetuned mismatch,
+5 output problem, 6 resources (disk full), 130 interrupted. See docs/errors.md.
+"""
+
+
+@boundary
+def diff(
+    base: BaseOpt,
+    finetuned: FinetunedOpt,
+    output: OutputOpt,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            metavar="DTYPE",
+            help="Store every delta in this dtype (float32, bfloat16, float16, float64). Lossy: "
+            "base + task vector may then differ from finetuned. [default: per tensor the "
+            "narrowest exact one, float32 for bf16/fp16/fp32 models]",
+            show_default=False,
+        ),
+    ] = None,
+    max_shard_size: MaxShardOpt = "5GB",
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Write the task vector tau = finetuned - base (same tensor names and shapes).
+
+    By default fapm merge (or prune --task-vector) gives finetuned back bit for bit: each delta
+    is stored in the narrowest dtype that is checked to reproduce finetuned exactly, and a
+    tensor no float delta can reproduce (negative zeros, huge exponent gaps) is stored as
+    finetuned's values, as are integer tensors. See docs/formats.md.
+    """
+    from fapm_cli import merging, report
+    from fapm_cli.header import parse_dtype
+    from fapm_cli.writer import parse_size
+
+    try:
+        shard_bytes = parse_size(max_shard_size)
+        delta_dtype = parse_dtype(dtype) if dtype else None
+    except ValueError as err:
+        raise UsageError(str(err), hint="see fapm diff --help") from err
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    result = merging.diff(
+        base,
+        finetuned,
+        output,
+        dtype=delta_dtype,
+        max_shard_size=shard_bytes,
+        overwrite=overwrite,
+        progress=report.BarProgress(enabled=not quiet and not json_out),
+    )
+    if not quiet:
+        for w in result.warnings:
+            report.warn(w)
+    if json_out:
+        report.emit_json(report.diff_json(result))
+    elif not quiet:
+        report.print_diff(result)
