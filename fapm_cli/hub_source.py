@@ -153,6 +153,7 @@ class HubSource:
         self.budget = budget
         self.show_progress = show_progress
         self._fetched: dict[str, tuple[str, int]] = {}  # shard -> (path in our dir, bytes)
+        self._ref_recorded = False
 
     # -- resolution ------------------------------------------------------------------------
     @classmethod
@@ -279,9 +280,11 @@ class HubSource:
         ref = RepoRef(self.repo_id, self.revision)
         if not budgeted or self.budget is None:
             with _translated(self.display, ref, name):
-                return str(
+                path = str(
                     hf_hub_download(self.repo_id, name, revision=self.commit, tqdm_class=tqdm_class)
                 )
+            self._remember_revision()
+            return path
         self.budget.before_fetch(self._where(name))
         target = self.budget.directory() / f"{self.repo_id.replace('/', '--')}--{self.commit}"
         with _translated(self.display, ref, name):
@@ -298,6 +301,21 @@ class HubSource:
         self._fetched[name] = (path, nbytes)
         self.budget.add(nbytes)
         return path
+
+    def _remember_revision(self) -> None:
+        """Record revision -> commit in the cache's refs/, as huggingface_hub does for the
+        revision it is given: we always give it the sha, so without this the cached files
+        could not be found again by branch or tag name offline."""
+        revision = self.revision or "main"
+        if revision == self.commit or self._ref_recorded:
+            return
+        path = _cache_folder(self.repo_id) / "refs" / revision
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(self.commit)
+        except OSError:
+            pass  # best effort, like the library: the cache may be read-only
+        self._ref_recorded = True
 
     def _remote_header(self, name: str) -> Header:
         where = self._where(name)

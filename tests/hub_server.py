@@ -125,13 +125,13 @@ class FakeHub:
         )
 
     # -- server --------------------------------------------------------------------------
-    def start(self) -> str:
+    def start(self, port: int = 0) -> str:
         hub = self
 
         class Handler(_Handler):
             fake = hub
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -320,3 +320,32 @@ class _Handler(BaseHTTPRequestHandler):
         self._record(0, 0)
         self.close_connection = True
         self.connection.shutdown(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve checkpoint directories as Hub repos, to try Hub sources without a network:
+
+    python -m tests.hub_server --port 8999 org/base=demo/base org/ft=demo/finetuned
+    HF_ENDPOINT=http://127.0.0.1:8999 fapm prune -b org/base -f org/ft -o out
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.hub_server", description=main.__doc__)
+    parser.add_argument("--port", type=int, default=8999)
+    parser.add_argument("repos", nargs="+", metavar="ORG/NAME=DIR")
+    args = parser.parse_args(argv)
+    hub = FakeHub()
+    for spec in args.repos:
+        repo_id, _, directory = spec.partition("=")
+        print(f"{repo_id} @ {hub.add_commit(repo_id, Path(directory))}", flush=True)
+    print(f"serving on {hub.start(args.port)}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        hub.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -117,7 +117,7 @@ def run(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def local_run(tmp_path: Path, base: Path, ft: Path, name: str = "local-out") -> dict[str, torch.Tensor]:
+def local_run(tmp_path: Path, base: Path, ft: Path, name: str = "lo") -> dict[str, torch.Tensor]:
     code, _, err = run("prune", "-b", str(base), "-f", str(ft), "-o", str(tmp_path / name), "-q")
     assert code == 0, err
     return load_checkpoint(tmp_path / name)
@@ -519,3 +519,23 @@ def test_token_is_used_but_never_shown_or_written(
         assert TOKEN not in text
     written = [p for p in (*out.rglob("*"), *(tmp_path / "hf").rglob("*")) if p.is_file()]
     assert written and not any(TOKEN.encode() in p.read_bytes() for p in written)
+
+
+def test_a_cache_filled_online_serves_the_same_sources_offline(
+    tmp_path: Path,
+    repos: dict[str, Path],
+    hub: FakeHub,
+    hf: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from huggingface_hub import constants
+
+    args = ["prune", "-b", "org/base", "-f", "org/ft@main", "-q", "-o"]
+    code, _, err = run(*args, str(tmp_path / "online"))
+    assert code == 0, err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.reset()
+    code, _, err = run(*args, str(tmp_path / "offline"))
+    assert code == 0, err
+    assert hub.records == []
+    assert_same_tensors(load_checkpoint(tmp_path / "offline"), load_checkpoint(tmp_path / "online"))
