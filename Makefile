@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 DEMO := demo
 
-.PHONY: install demo test lint format bench bench-mergekit-env clean docs-cli
+.PHONY: install demo test fuzz lint format bench bench-mergekit-env clean docs-cli
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# A longer fuzzing run with fresh randomness; failures are kept in .hypothesis/ for replay.
+FUZZ_EXAMPLES ?= 3000
+fuzz: install
+	FAPM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py \
+		--hypothesis-show-statistics
 
 lint: install
 	$(BIN)/ruff check fapm_cli tests examples tools
