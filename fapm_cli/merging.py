@@ -400,11 +400,14 @@ class _Encoder:
         else:
             assert self.base is not None
             bc, fc = self.base[start:stop], self.finetuned[start:stop]
-            cdt = scoring.compute_dtype(bc.dtype, fc.dtype)
-            tau = fc.to(cdt) - bc.to(cdt)  # exactly what the engine scores
-            if self.scale != 1.0:
-                tau.mul_(self.scale)  # DARE's rescaled update, as prune_tensor computes it
-            delta = tau.to(tv.torch_dtype(p.dtype))
+            dd = tv.torch_dtype(p.dtype)
+            if self.scale != 1.0:  # DARE's rescaled update, in prune_tensor's arithmetic
+                cdt = scoring.compute_dtype(bc.dtype, fc.dtype)
+                tau = (fc.to(cdt) - bc.to(cdt)).mul_(self.scale)
+            else:  # in the delta dtype when wider: float64 is the fallback for lost bits
+                cdt = scoring.compute_dtype(bc.dtype, fc.dtype, dd)
+                tau = fc.to(cdt) - bc.to(cdt)
+            delta = tau.to(dd)
             if mask is not None:
                 delta.masked_fill_(~mask, 0)
         if self.verify:
