@@ -43,7 +43,8 @@ def write_checkpoint(
             fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
             save_file(group, str(path / fname), metadata=meta)
             weight_map.update(dict.fromkeys(group, fname))
-        index = {"metadata": {"total_size": size}, "weight_map": weight_map}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(index))
     if config is not None:
         (path / "config.json").write_text(json.dumps(config))
