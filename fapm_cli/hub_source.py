@@ -154,6 +154,7 @@ class HubSource:
         self.show_progress = show_progress
         self._fetched: dict[str, tuple[str, int]] = {}  # shard -> (path in our dir, bytes)
         self._ref_recorded = False
+        self._target: Path | None = None  # where budgeted shards are downloaded
 
     # -- resolution ------------------------------------------------------------------------
     @classmethod
@@ -286,7 +287,13 @@ class HubSource:
             self._remember_revision()
             return path
         self.budget.before_fetch(self._where(name))
-        target = self.budget.directory() / f"{self.repo_id.replace('/', '--')}--{self.commit}"
+        if self._target is None:  # one directory per source: base and finetuned never share files
+            prefix = f"{self.repo_id.replace('/', '--')}--{self.commit[:12]}-"
+            try:
+                self._target = Path(tempfile.mkdtemp(prefix=prefix, dir=self.budget.directory()))
+            except OSError as err:
+                raise _disk_error(err, str(self.budget.directory())) from err
+        target = self._target
         with _translated(self.display, ref, name):
             path = str(
                 hf_hub_download(
@@ -307,7 +314,7 @@ class HubSource:
         revision it is given: we always give it the sha, so without this the cached files
         could not be found again by branch or tag name offline."""
         revision = self.revision or "main"
-        if revision == self.commit or self._ref_recorded:
+        if revision == self.commit or self._ref_recorded or ".." in revision.split("/"):
             return
         path = _cache_folder(self.repo_id) / "refs" / revision
         try:
