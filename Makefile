@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 DEMO := demo
 
-.PHONY: install demo test fuzz lint format bench bench-mergekit-env clean docs-cli
+.PHONY: install demo test fuzz lint format bench bench-mergekit-env clean docs-cli experiment
 
 install: $(VENV)/.installed
 
@@ -34,8 +34,8 @@ fuzz: install
 		--hypothesis-show-statistics
 
 lint: install
-	$(BIN)/ruff check fapm_cli tests examples tools
-	$(BIN)/ruff format --check fapm_cli tests examples tools
+	$(BIN)/ruff check fapm_cli tests examples experiments tools
+	$(BIN)/ruff format --check fapm_cli tests examples experiments tools
 	$(BIN)/mypy
 	$(PY) tools/cli_docs.py --check
 
@@ -43,8 +43,8 @@ docs-cli: install
 	$(PY) tools/cli_docs.py
 
 format: install
-	$(BIN)/ruff format fapm_cli tests examples tools
-	$(BIN)/ruff check --fix fapm_cli tests examples tools
+	$(BIN)/ruff format fapm_cli tests examples experiments tools
+	$(BIN)/ruff check --fix fapm_cli tests examples experiments tools
 
 # Benchmark on generated Llama-shaped bf16 pairs (~170M and ~1.2B parameters, cached in
 # bench-data/); see docs/benchmarks.md. BENCH_ARGS e.g. '--sizes small --repeat 3'.
@@ -59,6 +59,14 @@ bench-mergekit-env:
 	$(PYTHON) -m venv $(MK_VENV)
 	$(MK_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
 	$(MK_VENV)/bin/pip install --quiet mergekit
+
+# What FAPM does to forgetting on a small real fine-tune (CPU, no download; ~20-30 min on 2
+# cores): writes experiments/out/ and refreshes docs/evidence/. See docs/evidence.md.
+EXPERIMENT_PRESET ?= full
+experiment: install
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,plot]"
+	$(PY) experiments/forgetting.py --preset $(EXPERIMENT_PRESET) --out experiments/out \
+		--publish docs/evidence
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Reproducible experiments that measure what fapm does (see docs/evidence.md)."""
