@@ -221,3 +221,30 @@ def test_unknown_version_and_damage_are_input_errors(tmp_path: Path) -> None:
         assert needle in r.stderr
         assert not (tmp_path / f"m-{tv}").exists()
     assert json.loads(json.dumps(meta))  # metadata stayed str -> str
+
+
+def test_prune_json_describes_the_stored_task_vector(tmp_path: Path) -> None:
+    base, ft = make_pair(seed=15)
+    b = write_checkpoint(tmp_path / "b", base)
+    f = write_checkpoint(tmp_path / "f", ft)
+    args = ["prune", "-b", str(b), "-f", str(f), "--save", "task-vector", "--format", "compact"]
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "tv"), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert (doc["command"], doc["save"], doc["format"], doc["task_vector"]) == (
+        "prune",
+        "task-vector",
+        "compact",
+        None,
+    )
+    stored = {t["name"]: t for t in doc["stored"]["tensors"]}
+    up = stored["model.layers.0.mlp.up_proj.weight"]  # 91 entries, k = 9: mask 12 B < idx 18 B
+    assert (up["repr"], up["kept"], up["positions"], up["dtype"]) == ("sparse", 9, "mask", "F32")
+    assert up["bytes"] == 9 * 4 + 12 + 2 * 8
+    assert stored["model.position_ids"]["repr"] == "values"
+    on_disk = sum(t.numel() * t.element_size() for t in load_checkpoint(tmp_path / "tv").values())
+    assert doc["stored"]["bytes"] == on_disk
+    plain = runner.invoke(
+        app, ["prune", "-b", str(b), "-f", str(f), "-o", str(tmp_path / "m"), "--json"]
+    )
+    assert json.loads(plain.stdout)["stored"] is None
