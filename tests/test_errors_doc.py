@@ -15,7 +15,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+from typer.testing import CliRunner
+
 from fapm_cli import errors
+from fapm_cli.cli.app import app
 from fapm_cli.errors import ExitCode, FapmError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,3 +215,18 @@ def test_every_documented_message_exists_in_the_code() -> None:
         if not any(p.fullmatch(d) for p in patterns)
     ]
     assert not stale, "docs/errors.md lists messages the code no longer has:\n" + "\n".join(stale)
+
+
+def test_the_worked_example_prints_what_the_doc_shows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    block = re.search(r"```console\n(.*?)```", DOC.read_text(), re.DOTALL)
+    assert block
+    lines = block.group(1).splitlines()
+    command, shown = lines[0].removeprefix("$ ").split(), lines[1:]
+    exit_at = shown.index("$ echo $?")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, command[1:])
+    assert result.stderr.splitlines() == shown[:exit_at]
+    assert result.exit_code == int(shown[exit_at + 1])
+    assert result.stdout == ""
