@@ -188,10 +188,26 @@ def iter_keep_masks(
     Exactly ``k = floor(numel * (1 - s))`` entries are kept for the ranked methods; ``random``
     keeps each with probability ``1 - s``. NaN/Inf in either input is an error.
     """
+    yield from _keep_masks(name, base, finetuned, opts, None)
+
+
+@dataclass
+class _TauStats:
+    """Statistics of tau that the ranked scoring pass computes on the way."""
+
+    sq_total: float = 0.0
+
+
+def _keep_masks(
+    name: str,
+    base: torch.Tensor,
+    finetuned: torch.Tensor,
+    opts: PruneOptions,
+    stats: _TauStats | None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
     b = base.reshape(-1)
     f = finetuned.reshape(-1)
     n = b.numel()
-    cdt = scoring.compute_dtype(b.dtype, f.dtype)
 
     if opts.method is Method.RANDOM:
         keep = float(1 - opts.sparsity)
@@ -202,22 +218,17 @@ def iter_keep_masks(
             yield c, stop, scoring.random_mask_block(opts.seed, name, block, stop - c, keep)
         return
 
-    # Pass 1: scores, stored as order-preserving integer keys (the only full-size temporary).
-    key_dtype = torch.int64 if cdt == torch.float64 else torch.int32
-    keys = torch.empty(n, dtype=key_dtype)
-    as_float = keys.view(cdt)
-    coef = torch.tensor(opts.lam, dtype=cdt) * torch.tensor(
-        scoring.mean_abs(b, cdt) if opts.method is Method.FAPM else 0.0, dtype=cdt
-    )
-    for c in range(0, n, CHUNK):
-        bc, fc = b[c : c + CHUNK], f[c : c + CHUNK]
-        _check_finite(bc, name, "base")
-        _check_finite(fc, name, "finetuned")
-        as_float[c : c + CHUNK] = scoring.score_chunk(opts.method, bc.to(cdt), fc.to(cdt), coef)
-    scoring.to_keys(as_float)
+    def nonfinite(start: int, stop: int) -> None:  # sum(tau^2) was not finite: find out why
+        _check_finite(b[start:stop], name, "base")
+        _check_finite(f[start:stop], name, "finetuned")
 
-    # Pass 2: the exact threshold; pass 3: masks in flat order, ties to the lowest index.
-    threshold = scoring.select_threshold(keys, scoring.keep_count(n, opts.sparsity))
+    # Pass 1 scores every entry into order-preserving integer keys (the only full-size
+    # temporary) and selects the exact threshold; pass 2 yields masks in flat order.
+    k = scoring.keep_count(n, opts.sparsity)
+    ranked = scoring.rank_tensor(opts.method, b, f, k, opts.lam, nonfinite)
+    if stats is not None:
+        stats.sq_total = ranked.sq_total
+    keys, threshold = ranked.keys, ranked.threshold
     ties_seen = 0
     for c in range(0, n, CHUNK):
         mask, ties_seen = scoring.keep_mask_chunk(keys[c : c + CHUNK], threshold, ties_seen)
@@ -253,23 +264,33 @@ def prune_tensor(
     if opts.method is Method.RANDOM and 0 < opts.sparsity < 1:
         scale = float(1 / (1 - opts.sparsity))  # DARE rescales what it keeps
     same = b.dtype == f.dtype == out_dtype
-    kept = 0
+    ranked = opts.method is not Method.RANDOM
+    stats = _TauStats()
+    kept = scoring.keep_count(b.numel(), opts.sparsity) if ranked else 0
     sq_kept = 0.0
     sq_total = 0.0
-    for start, stop, mask in iter_keep_masks(item.name, base, finetuned, opts):
+    for start, stop, mask in _keep_masks(item.name, base, finetuned, opts, stats):
         bc, fc = b[start:stop], f[start:stop]
-        tau = fc.to(cdt) - bc.to(cdt)
-        tau2 = tau * tau
-        sq_total += float(tau2.sum(dtype=torch.float64))
-        sq_kept += float(tau2.masked_fill_(~mask, 0).sum(dtype=torch.float64))
-        kept += int(mask.sum())
-        if scale != 1.0:
-            new = (bc.to(cdt) + tau.mul_(scale)).to(out_dtype)
-            out = torch.where(mask, new, bc.to(out_dtype))
-        elif same:
+        if ranked and same:
+            # The output is finetuned's bytes where kept and base's elsewhere, so out - base
+            # is tau where kept and exactly 0 elsewhere: no mask arithmetic for the statistic.
             out = _bits(torch.where(mask, _bits(fc), _bits(bc))).view(out_dtype)
+            kept_tau = torch.sub(out, bc.to(cdt))
+            sq_kept += float(torch.sum(kept_tau.mul_(kept_tau), dtype=torch.float64))
         else:
-            out = torch.where(mask, fc.to(out_dtype), bc.to(out_dtype))
+            tau = fc.to(cdt) - bc.to(cdt)
+            tau2 = tau * tau
+            if not ranked:
+                sq_total += float(tau2.sum(dtype=torch.float64))
+                kept += int(mask.sum())
+            sq_kept += float(tau2.masked_fill_(~mask, 0).sum(dtype=torch.float64))
+            if scale != 1.0:
+                new = (bc.to(cdt) + tau.mul_(scale)).to(out_dtype)
+                out = torch.where(mask, new, bc.to(out_dtype))
+            elif same:
+                out = _bits(torch.where(mask, _bits(fc), _bits(bc))).view(out_dtype)
+            else:
+                out = torch.where(mask, fc.to(out_dtype), bc.to(out_dtype))
         if on_mask is not None:
             on_mask(start, stop, mask)
         write(out)
@@ -281,7 +302,7 @@ def prune_tensor(
         b.numel(),
         kept,
         sq_kept,
-        sq_total,
+        stats.sq_total if ranked else sq_total,
     )
 
 
