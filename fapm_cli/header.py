@@ -149,10 +149,10 @@ def parse_header(raw: bytes, where: str, file_size: int) -> Header:
     header_len = len(raw)
     data_len = file_size - 8 - header_len
 
-    def bad(what: str) -> InputError:
+    def bad(what: str, hint: str | None = None) -> InputError:
         return InputError(
             f"{where}: {what}",
-            hint="the file is corrupted or was not written by a safetensors writer",
+            hint=hint or "the file is corrupted or was not written by a safetensors writer",
         )
 
     try:
@@ -205,7 +205,9 @@ def parse_header(raw: bytes, where: str, file_size: int) -> Header:
         if not 0 <= begin <= end <= data_len:
             raise bad(
                 f"tensor {name!r}: data_offsets [{begin}, {end}] outside the data buffer "
-                f"of {data_len} bytes"
+                f"of {data_len} bytes",
+                # The usual cause: an interrupted download that cut the file short.
+                "the file is truncated or corrupted; download it again" if end > data_len else None,
             )
         info = TensorInfo(name, dtype, tuple(shape), 8 + header_len + begin, end - begin)
         if info.numel * dtype.itemsize != info.nbytes:

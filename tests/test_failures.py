@@ -62,6 +62,7 @@ class Case:
     output: Path | str | None = None  # default: <tmp>/out
     extra: tuple[str, ...] = ()
     by_typer: bool = False  # rejected by option parsing (typer's own "Error: Invalid value")
+    hint: str = ""  # must appear in the hint line
 
 
 @pytest.fixture
@@ -121,14 +122,18 @@ def only_pickle_weights(pair: Pair) -> Case:
     d.mkdir()
     # Not even a real pickle: fapm must refuse by name, never open it.
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04 not read")
-    return Case(pair.base, d, ExitCode.INPUT, ("pickled", "pytorch_model.bin", "pickle"))
+    case = Case(pair.base, d, ExitCode.INPUT, ("pickled", "pytorch_model.bin", "pickle"))
+    case.hint = "safe_serialization=True"
+    return case
 
 
 @pytest.fixture
 def pickle_file_given(pair: Pair) -> Case:
     f = pair.root / "weights.pt"
     f.write_bytes(b"\x80\x04 not read")
-    return Case(f, pair.ft, ExitCode.INPUT, ("weights.pt", "pickle"))
+    case = Case(f, pair.ft, ExitCode.INPUT, ("weights.pt", "pickle"))
+    case.hint = "save_file"
+    return case
 
 
 @pytest.fixture
@@ -153,7 +158,9 @@ def fifo_named_safetensors(pair: Pair) -> Case:
 def truncated_file(pair: Pair) -> Case:
     blob = pair.shard(2).read_bytes()
     pair.shard(2).write_bytes(blob[:-100])
-    return Case(pair.base, pair.ft, ExitCode.INPUT, (SHARDS[1],))
+    case = Case(pair.base, pair.ft, ExitCode.INPUT, (SHARDS[1],))
+    case.hint = "download it again"
+    return case
 
 
 @pytest.fixture
@@ -467,7 +474,9 @@ def output_exists(pair: Pair) -> Case:
     out = pair.root / "out"
     out.mkdir()
     (out / "keep-me.txt").write_text("precious")
-    return Case(pair.base, pair.ft, ExitCode.OUTPUT, (str(out), "exists"), output=out)
+    case = Case(pair.base, pair.ft, ExitCode.OUTPUT, (str(out), "exists"), output=out)
+    case.hint = "--overwrite"
+    return case
 
 
 @pytest.fixture
@@ -612,6 +621,7 @@ def test_failure_is_a_clean_documented_error(
         assert lines[1].startswith("hint: "), lines
         missing = [n for n in case.names if n not in lines[0]]
         assert not missing, f"{missing} not named in {lines[0]!r}"
+        assert case.hint in lines[1]
     assert "internal error" not in result.stderr
     # Nothing written, nothing left behind, nothing changed (inputs included).
     assert out.exists() == existed
