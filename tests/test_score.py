@@ -192,6 +192,12 @@ def test_csv_parses_and_matches_json(
     ]
     (total,) = [r for r in rows if r["level"] == "total"]
     assert float(total["fapm_sq_norm_kept_fraction"]) == doc["total"]["fapm_sq_norm_kept_fraction"]
+    code, out, _ = fapm(*common, "--json")  # the flag every command has
+    assert code == 0
+    doc2 = json.loads(out)
+    doc.pop("seconds", None), doc2.pop("seconds", None)
+    assert doc2 == doc
+    assert fapm(*common, "--json", "--format", "csv")[0] == 2
 
 
 def test_table_output(

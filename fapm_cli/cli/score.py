@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 
 from fapm_cli.cli.boundary import boundary
-from fapm_cli.cli.options import BaseOpt, FinetunedOpt, OverwriteOpt, QuietOpt, ThreadsOpt
+from fapm_cli.cli.options import (
+    BaseOpt,
+    FinetunedOpt,
+    JsonOpt,
+    OverwriteOpt,
+    QuietOpt,
+    ThreadsOpt,
+)
 from fapm_cli.errors import UsageError
 
 
@@ -97,6 +104,7 @@ def score(
         FormatChoice,
         typer.Option("--format", help="Output on stdout: rich tables, one JSON object, or CSV."),
     ] = FormatChoice.table,
+    json_out: JsonOpt = False,
     plot: Annotated[
         str | None,
         typer.Option(
@@ -138,6 +146,10 @@ def score(
         frac = scoring.parse_sparsity(sparsity)
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm score --help") from err
+    if json_out:  # the flag every command has; same as --format json
+        if fmt is FormatChoice.csv:
+            raise UsageError("--json and --format csv exclude each other")
+        fmt = FormatChoice.json
     if plot is not None:
         forgetting.check_plot_path(plot)  # before the heavy work
     if threads:
