@@ -369,22 +369,42 @@ def run_prune(
     progress: Callable[[int], None] = lambda n: None,
     *,
     read_finetuned: Callable[[Item, torch.Tensor | None], torch.Tensor] | None = None,
+    prefetch: bool = True,
 ) -> list[TensorResult]:
     """Stream every item through the pruning and into ``sink``; returns one record per tensor.
 
     ``read_finetuned(item, base_tensor)``, when given, supplies the finetuned tensor instead of
     reading it from ``finetuned`` (a task vector rebuilds it from base; see ``merging``).
+    ``prefetch``: read the next item in a thread while this one is computed, when both
+    checkpoints are local files and the memory the largest tensor needs anyway allows it.
     """
+    from fapm_cli.reader import Prefetcher
+    from fapm_cli.sources import LocalDir, LocalFile
+
     base_reader = TensorReader(base)
     ft_reader = TensorReader(finetuned)
     last_use = _last_uses(items)
     results: list[TensorResult] = []
+
+    def read(item: Item) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        b = base_reader.read(item.name) if item.base is not None else None
+        f = None
+        if item.finetuned is not None:
+            f = read_finetuned(item, b) if read_finetuned else ft_reader.read(item.name)
+        return b, f
+
+    local = all(isinstance(c.source, LocalDir | LocalFile) for c in (base, finetuned))
+    ahead: Prefetcher | None = None
+    if prefetch and local and read_finetuned is None and len(items) > 1:
+        held = [_held_bytes(i) for i in items]
+        jobs = [lambda item=item: read(item) for item in items]
+        ahead = Prefetcher(jobs, held, [i.read_bytes for i in items], max(held))
     try:
         for pos, item in enumerate(items):
-            b = base_reader.read(item.name) if item.base is not None else None
-            f = None
-            if item.finetuned is not None:
-                f = read_finetuned(item, b) if read_finetuned else ft_reader.read(item.name)
+            if ahead is not None:
+                b, f = ahead.get(pos)  # type: ignore[misc]
+            else:
+                b, f = read(item)
             sink.begin(item.name)
             results.append(process_item(item, b, f, opts, sink.write))
             del b, f
@@ -393,9 +413,23 @@ def run_prune(
                     reader.release_shard(shard)
             progress(item.read_bytes)
     finally:
+        if ahead is not None:
+            ahead.close()
         base_reader.close()
         ft_reader.close()
     return results
+
+
+def _held_bytes(item: Item) -> int:
+    """Bytes held while ``item`` is processed, at the peak: its inputs, plus the score keys
+    (one int32 or int64 per entry) of a pruned tensor."""
+    held = item.read_bytes
+    if item.action is Action.PRUNE and item.finetuned is not None:
+        wide = item.finetuned.info.dtype.itemsize > 4 or (
+            item.base is not None and item.base.info.dtype.itemsize > 4
+        )
+        held += item.finetuned.info.numel * (8 if wide else 4)
+    return held
 
 
 def _last_uses(items: Sequence[Item]) -> dict[tuple[str, int], list[str]]:
@@ -602,6 +636,7 @@ def prune(
     overwrite: bool = False,
     progress: Progress | None = None,
     disk_budget: int | None = None,
+    prefetch: bool = True,
 ) -> PruneReport:
     """Prune ``finetuned`` against ``base`` and write the merged checkpoint to ``output``.
 
@@ -635,12 +670,14 @@ def prune(
             "model", opts, base=base.source.provenance(), finetuned=finetuned.source.provenance()
         ),
         overwrite=overwrite,
+        background=prefetch,  # every chunk prune_tensor writes is a fresh tensor
     )
     try:
         progress.start(sum(i.read_bytes for i in items), "prune")
         results = run_prune(
-            base, finetuned, items, opts, Sink(writer.begin, writer.write), progress.advance
-        )
+            base, finetuned, items, opts, Sink(writer.begin, writer.write), progress.advance,
+            prefetch=prefetch,
+        )  # fmt: skip
         copy_from = {FilesFrom.FINETUNED: finetuned, FilesFrom.BASE: base}.get(files_from)
         writer.finish(extra_files(copy_from) if copy_from else ())
     except BaseException:

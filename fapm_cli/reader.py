@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -228,3 +230,71 @@ class TensorReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+class Prefetcher:
+    """Runs read jobs one ahead of the consumer in a thread, only when memory allows.
+
+    Job ``j + 1`` starts while the consumer works on job ``j`` only if ``held[j] + read[j + 1]``
+    fits in ``limit`` (the bytes the consumer holds for ``j`` at its peak, plus what reading
+    ``j + 1`` adds); otherwise it waits until the consumer asks for ``j + 1``. With ``limit``
+    set to the largest single ``held``, prefetching never raises the peak that the largest
+    tensor sets anyway. ``os.preadv`` releases the GIL, so reads overlap the tensor math.
+    """
+
+    def __init__(
+        self,
+        jobs: Sequence[Callable[[], object]],
+        held: Sequence[int],
+        read: Sequence[int],
+        limit: int,
+    ) -> None:
+        self._jobs = jobs
+        self._held, self._read, self._limit = held, read, limit
+        self._cond = threading.Condition()
+        self._asked = -1  # the job the consumer is on
+        self._results: dict[int, tuple[bool, object]] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="fapm-reader", daemon=True)
+        self._thread.start()
+
+    def _may_start(self, j: int) -> bool:
+        if self._asked >= j:
+            return True
+        return self._asked == j - 1 and self._held[j - 1] + self._read[j] <= self._limit
+
+    def _run(self) -> None:
+        for j, job in enumerate(self._jobs):
+            with self._cond:
+                while not self._stop and not self._may_start(j):
+                    self._cond.wait()
+                if self._stop:
+                    return
+            try:
+                outcome: tuple[bool, object] = (True, job())
+            except BaseException as err:  # handed to the consumer, raised there
+                outcome = (False, err)
+            with self._cond:
+                self._results[j] = outcome
+                self._cond.notify_all()
+            if not outcome[0]:
+                return
+
+    def get(self, j: int) -> object:
+        with self._cond:
+            self._asked = j
+            self._cond.notify_all()
+            while j not in self._results:
+                self._cond.wait()
+            ok, value = self._results.pop(j)
+        if not ok:
+            assert isinstance(value, BaseException)
+            raise value
+        return value
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._results.clear()
+            self._cond.notify_all()
+        self._thread.join()

@@ -8,6 +8,7 @@ when complete; on any failure or interrupt the temporary directory is removed.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -15,6 +16,7 @@ import json
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +108,9 @@ class _OpenShard:
     fd: int
     digest: hashlib._Hash
     size: int
+    closed: bool = False
+    flushed: int = 0  # bytes handed to writeback so far (see _start_writeback)
+    waited: int = 0  # bytes known to be on disk and dropped from the page cache
 
 
 class CheckpointWriter:
@@ -121,6 +126,7 @@ class CheckpointWriter:
         index_metadata: dict[str, object] | None = None,
         overwrite: bool = False,
         fsync: bool = True,
+        background: bool = False,
     ) -> None:
         self.output = output
         self.overwrite = overwrite
@@ -137,6 +143,11 @@ class CheckpointWriter:
         self.shard_info: dict[str, dict[str, object]] = {}
         self.weight_map: dict[str, str] = {}
         self._staging: bytearray | None = None
+        # background=True: bytes are hashed and written by one worker thread, so that sha256
+        # and the copy into the page cache overlap the next chunk's computation. Callers must
+        # then never modify a tensor after passing it to write() (the engine's are fresh).
+        self._worker = _Worker() if background else None
+        self._opened: list[_OpenShard] = []
         tag = secrets.token_hex(4)
         self.tmp = output.parent / f".{output.name}.fapm-tmp-{os.getpid()}-{tag}"
         # Parents created here are removed again by abort(): a failed run leaves nothing.
@@ -176,6 +187,12 @@ class CheckpointWriter:
         n = raw.numel()
         if n > self._left:
             raise AssertionError("more bytes than planned")
+        if self._worker is not None:
+            shard = self._shard
+            assert shard is not None
+            self._worker.submit(lambda: self._write_to(shard, _byte_view(raw)), n)
+            self._left -= n
+            return
         if self._staging is None:
             self._staging = bytearray(_STAGING_BYTES)
         staging = torch.frombuffer(self._staging, dtype=torch.uint8)
@@ -200,11 +217,19 @@ class CheckpointWriter:
         except OSError as err:
             raise os_error(err, str(self.output / name)) from err
         self._shard = _OpenShard(name, fd, hashlib.sha256(), 0)
+        self._opened.append(self._shard)
         self._write_bytes(build_header(group, self.metadata))
 
     def _write_bytes(self, data: bytes | memoryview) -> None:
         shard = self._shard
         assert shard is not None
+        if self._worker is not None:
+            copy = bytes(data)  # small (headers): copied, since callers may reuse the buffer
+            self._worker.submit(lambda: self._write_to(shard, copy), len(copy))
+        else:
+            self._write_to(shard, data)
+
+    def _write_to(self, shard: _OpenShard, data: bytes | memoryview) -> None:
         try:
             view = memoryview(data)
             while view:
@@ -214,18 +239,26 @@ class CheckpointWriter:
             raise os_error(err, str(self.output / shard.name)) from err
         shard.digest.update(data)
         shard.size += len(data)
+        _start_writeback(shard)
 
     def _close_shard(self) -> None:
         shard = self._shard
         if shard is None:
             return
         self._shard = None
+        if self._worker is not None:
+            self._worker.submit(lambda: self._close(shard), 0)
+        else:
+            self._close(shard)
+
+    def _close(self, shard: _OpenShard) -> None:
         try:
             if self.fsync:
                 os.fsync(shard.fd)
         except OSError as err:
             raise os_error(err, str(self.output / shard.name)) from err
         finally:
+            shard.closed = True
             os.close(shard.fd)
         self.shard_info[shard.name] = {"bytes": shard.size, "sha256": shard.digest.hexdigest()}
 
@@ -239,6 +272,8 @@ class CheckpointWriter:
         if not self._queue:  # a checkpoint with no tensors still gets its (empty) shard
             self._open_shard(self._plan[0][0])
         self._close_shard()
+        if self._worker is not None:
+            self._worker.drain()
         total = sum(t.nbytes for _, t in self._queue)
         index = {
             "metadata": {"total_size": total, **self.index_metadata, "shards": self.shard_info},
@@ -298,6 +333,14 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         """Remove everything written so far (idempotent)."""
+        if self._worker is not None:
+            self._worker.cancel()
+            for shard in self._opened:  # shards whose close job was skipped
+                if not shard.closed:
+                    shard.closed = True
+                    with contextlib.suppress(OSError):
+                        os.close(shard.fd)
+            self._shard = None
         if self._shard is not None:
             with contextlib.suppress(OSError):
                 os.close(self._shard.fd)
@@ -320,3 +363,121 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _byte_view(raw: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous uint8 tensor, without a copy."""
+    return memoryview(raw.numpy()).cast("B")
+
+
+class _Worker:
+    """One thread that runs write jobs in order; at most ``_IN_FLIGHT`` bytes queued.
+
+    The first error is kept and raised (already translated) by the next ``submit`` or by
+    ``drain``; jobs after it are skipped."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._jobs: collections.deque[tuple[Callable[[], None], int]] = collections.deque()
+        self._bytes = 0
+        self._error: BaseException | None = None
+        self._closed = False
+        self._open_fds: list[int] = []
+        self._thread = threading.Thread(target=self._run, name="fapm-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None], nbytes: int) -> None:
+        with self._cond:
+            while self._bytes > _IN_FLIGHT and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            self._jobs.append((job, nbytes))
+            self._bytes += nbytes
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closed:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                job, nbytes = self._jobs[0]
+            try:
+                if self._error is None:
+                    job()
+            except BaseException as err:
+                with self._cond:
+                    self._error = err
+            with self._cond:
+                self._jobs.popleft()
+                self._bytes -= nbytes
+                self._cond.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every job ran; raise the first error."""
+        with self._cond:
+            while self._jobs:
+                self._cond.wait()
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        """Skip what is queued, wait for the running job, stop the thread."""
+        with self._cond:
+            if self._error is None:
+                self._error = OutputError("cancelled", hint="")
+            while len(self._jobs) > 1:
+                self._jobs.pop()
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+
+
+_IN_FLIGHT = 64 << 20
+# Output pages are handed to the disk every _WRITEBACK bytes instead of all at the final fsync:
+# the disk works while we compute, and at most ~2 windows of dirty output sit in memory (a
+# memory cgroup charges them, and dirty pages cannot be reclaimed until written).
+_WRITEBACK = 32 << 20
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None  # not Linux: the final fsync does it all
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
+
+def _start_writeback(shard: _OpenShard) -> None:
+    """Start writeback of the newest full window; wait for the one before and drop its pages.
+
+    Purely an optimisation (errors are ignored): durability still comes from the fsync at
+    close, which then has little left to do."""
+    if _SYNC_FILE_RANGE is None or shard.size - shard.flushed < _WRITEBACK:
+        return
+    if shard.flushed > shard.waited:
+        _SYNC_FILE_RANGE(
+            shard.fd, shard.waited, shard.flushed - shard.waited,
+            _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER,
+        )  # fmt: skip
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(
+                shard.fd, shard.waited, shard.flushed - shard.waited, os.POSIX_FADV_DONTNEED
+            )
+        shard.waited = shard.flushed
+    _SYNC_FILE_RANGE(shard.fd, shard.flushed, shard.size - shard.flushed, _SFR_WRITE)
+    shard.flushed = shard.size
