@@ -120,8 +120,11 @@ def expected_output(base: dict[str, torch.Tensor], ft: dict[str, torch.Tensor]) 
     return out
 
 
-def check_prune(root: Path, ft_source: Path, oracle: dict[str, torch.Tensor] | None) -> None:
-    """Prune BASE against ``ft_source``: a clean error, or exactly the expected output."""
+def check_prune(root: Path, ft_source: Path, oracle: dict[str, torch.Tensor] | None) -> str:
+    """Prune BASE against ``ft_source``: a clean error, or exactly the expected output.
+
+    Returns the outcome, for ``event`` (``--hypothesis-show-statistics`` counts them).
+    """
     base_path = root / "base.safetensors"
     base_path.write_bytes(BASE_FILE)
     out = root / "out"
@@ -132,14 +135,12 @@ def check_prune(root: Path, ft_source: Path, oracle: dict[str, torch.Tensor] | N
         )
     except FapmError as err:
         error = err
-    # Outcome counts: pytest --hypothesis-show-statistics shows how often each path is taken.
-    event(f"prune: exit {int(error.exit_code)}" if error else "prune: ok")
     if error is not None:
         assert error.exit_code in CLEAN_CODES, error
         assert error.message and "\n" not in error.message
         assert not out.exists()
         assert not stray_temps(root)
-        return
+        return f"prune: exit {int(error.exit_code)}"
     # fapm accepted the input: the independent reader must have accepted it as well.
     assert oracle is not None, "fapm accepted a checkpoint that safetensors refuses"
     got = {}
@@ -150,6 +151,7 @@ def check_prune(root: Path, ft_source: Path, oracle: dict[str, torch.Tensor] | N
     for name, bits in want.items():
         assert torch.equal(_bits(got[name]), bits), name
     assert not stray_temps(root)
+    return "prune: ok"
 
 
 def check_open(source: Path) -> dict[str, torch.Tensor] | None:
@@ -176,7 +178,7 @@ def safetensors_reads(path: Path) -> dict[str, torch.Tensor] | None:
         return None
 
 
-def check_file(root: Path, blob: bytes) -> None:
+def check_file(root: Path, blob: bytes) -> str:
     path = root / "ft.safetensors"
     path.write_bytes(blob)
     ours = check_open(path)
@@ -187,8 +189,9 @@ def check_file(root: Path, blob: bytes) -> None:
         for name, t in ours.items():
             assert t.dtype == oracle[name].dtype and t.shape == oracle[name].shape, name
             assert torch.equal(_bits(t), _bits(oracle[name])), name
-    check_prune(root, path, oracle if ours is not None else None)
+    outcome = check_prune(root, path, oracle if ours is not None else None)
     assert path.read_bytes() == blob  # the input is never touched
+    return outcome
 
 
 # -- mutations of one file -----------------------------------------------------------------------
@@ -212,10 +215,10 @@ def test_byte_mutations(edits: list[tuple[int, int]], cut: int | None, tail: byt
         blob[pos] = value
     data = bytes(blob[:cut]) + tail if cut is not None else bytes(blob)
     with workdir() as root:
-        check_file(root, data)
+        event(check_file(root, data))
 
 
-@fuzz_settings(40)
+@fuzz_settings(30)
 @given(
     edits=st.lists(
         st.tuples(st.integers(0, len(FT_DATA) - 1), st.integers(0, 255)), min_size=1, max_size=6
@@ -227,7 +230,7 @@ def test_data_mutations(edits: list[tuple[int, int]]) -> None:
     for pos, value in edits:
         blob[8 + FT_HEADER_LEN + pos] = value
     with workdir() as root:
-        check_file(root, bytes(blob))
+        event(check_file(root, bytes(blob)))
 
 
 json_values = st.recursive(
@@ -296,7 +299,7 @@ def test_header_field_mutations(mutation: tuple[dict[str, Any], int]) -> None:
     raw = json.dumps(header).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
     with workdir() as root:
-        check_file(root, encode(raw, FT_DATA, length=max(0, len(raw) + length_delta)))
+        event(check_file(root, encode(raw, FT_DATA, length=max(0, len(raw) + length_delta))))
 
 
 # -- mutations of an index -----------------------------------------------------------------------
@@ -372,7 +375,7 @@ def test_index_mutations(text: str) -> None:
             assert all("/" not in s and s not in ("", ".", "..") for s in wm.values())
             assert set(ours) == set(oracle)
             assert all(torch.equal(_bits(ours[n]), _bits(oracle[n])) for n in ours)
-        check_prune(root, d, oracle if ours is not None else None)
+        event(check_prune(root, d, oracle if ours is not None else None))
         assert {p.name: p.read_bytes() for p in d.iterdir()} == before
 
 
