@@ -53,7 +53,10 @@ class LocalDir:
         try:
             entries = sorted(os.scandir(self.path), key=lambda e: e.name)
         except OSError as err:
-            raise InputError(f"{self.display}: cannot list directory ({err.strerror})") from err
+            raise InputError(
+                f"{self.display}: cannot list directory ({err.strerror})",
+                hint="check the path and its permissions",
+            ) from err
         return [e.name for e in entries if e.is_file()]
 
     def _file(self, name: str) -> str:
@@ -73,11 +76,16 @@ class LocalDir:
         except OSError as err:
             raise InputError(f"{self.display}/{name}: cannot read ({err.strerror})") from err
         if len(data) > limit:
-            raise InputError(f"{self.display}/{name}: larger than {limit} bytes, refusing to read")
+            raise InputError(
+                f"{self.display}/{name}: larger than {limit} bytes, refusing to read",
+                hint="this is not an index or config file; restore it from the original",
+            )
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise InputError(f"{self.display}/{name}: not UTF-8 text") from err
+            raise InputError(
+                f"{self.display}/{name}: not UTF-8 text", hint="restore it from the original"
+            ) from err
 
     def read_header(self, name: str) -> Header:
         path = self._file(name)
@@ -109,7 +117,10 @@ class LocalFile:
         return [self.path.name]
 
     def read_text(self, name: str, limit: int = 50_000_000) -> str:
-        raise InputError(f"{self.display}: a single file has no {name}")
+        raise InputError(
+            f"{self.display}: a single file has no {name}",
+            hint="pass the checkpoint directory instead of one file",
+        )
 
     def read_header(self, name: str) -> Header:
         return read_header(str(self.path), self.display)
