@@ -149,7 +149,18 @@ def runs_for(
         runs.append(
             (
                 "fapm score",
-                [str(FAPM), "score", "-b", str(base), "-f", str(ft), "-s", SPARSITY, "--json"],
+                [
+                    str(FAPM),
+                    "score",
+                    "-b",
+                    str(base),
+                    "-f",
+                    str(ft),
+                    "-s",
+                    SPARSITY,
+                    "--format",
+                    "json",
+                ],
             )
         )
     mk = MERGEKIT_ENV / "bin" / "mergekit-yaml"

@@ -230,9 +230,12 @@ def _keep_masks(
         stats.sq_total = ranked.sq_total
     keys, threshold = ranked.keys, ranked.threshold
     ties_seen = 0
-    for c in range(0, n, CHUNK):
-        mask, ties_seen = scoring.keep_mask_chunk(keys[c : c + CHUNK], threshold, ties_seen)
-        yield c, c + mask.numel(), mask
+    try:
+        for c in range(0, n, CHUNK):
+            mask, ties_seen = scoring.keep_mask_chunk(keys[c : c + CHUNK], threshold, ties_seen)
+            yield c, c + mask.numel(), mask
+    finally:
+        scoring.release(ranked)  # masks are fresh tensors: the keys may be reused now
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -270,6 +271,49 @@ def select_from_top_histogram(keys: torch.Tensor, hist0: torch.Tensor, k: int) -
     return Threshold(key, ties)
 
 
+class _KeyBuffer:
+    """One reusable key array for the whole run.
+
+    A fresh ``torch.empty`` per tensor costs a page fault per 4 kB on first touch (seconds
+    over a 1B-parameter model) and hands the memory back to the OS after each tensor. The
+    buffer only grows to the largest tensor, which the peak memory has to hold anyway. A
+    second ranking in flight at the same time (interleaved generators) gets its own array."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buf: torch.Tensor | None = None
+        self._busy = False
+
+    def take(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            if self._busy:
+                return torch.empty(n, dtype=dtype)
+            nbytes = n * (8 if dtype == torch.int64 else 4)
+            if self._buf is None or self._buf.numel() < nbytes:
+                self._buf = None  # free the old one before allocating the larger
+                self._buf = torch.empty(nbytes, dtype=torch.uint8)
+            self._busy = True
+            return self._buf[:nbytes].view(dtype)
+
+    def give_back(self, keys: torch.Tensor) -> None:
+        with self._lock:
+            if self._buf is not None and keys.data_ptr() == self._buf.data_ptr():
+                self._busy = False
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buf = None
+            self._busy = False
+
+
+_KEYS = _KeyBuffer()
+
+
+def release(ranked: Ranked) -> None:
+    """Done with ``ranked.keys``: the buffer may serve the next tensor."""
+    _KEYS.give_back(ranked.keys)
+
+
 @dataclass
 class Ranked:
     """One tensor scored and selected: keys, the exact threshold, and sum(tau^2)."""
@@ -298,7 +342,7 @@ def rank_tensor(
     coef = torch.tensor(lam, dtype=cdt) * torch.tensor(
         mean_abs(base, cdt) if method is Method.FAPM else 0.0, dtype=cdt
     )
-    keys = torch.empty(n, dtype=torch.int64 if cdt == torch.float64 else torch.int32)
+    keys = _KEYS.take(n, torch.int64 if cdt == torch.float64 else torch.int32)
     scratch = Scratch(min(FUSED_CHUNK, max(n, 1)), cdt)
     fused_hist = cdt == torch.float32 and 0 < k < n
     hist0 = torch.zeros(_DIGITS, dtype=torch.int64)

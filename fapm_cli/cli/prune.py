@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from typing import Annotated
 
@@ -234,10 +235,12 @@ def prune(
             raise ValueError("--lam inf is not a finite number")
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm prune --help") from err
-    if threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(threads)
+    # Default: every core but one for tensor math; the remaining one reads the next tensor
+    # and hashes and writes the output (see docs/benchmarks.md: with all cores, torch's
+    # worker threads stall on each other whenever one core is busy with I/O).
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
     opts = engine.PruneOptions(
         method=scoring.Method(method.value),
         sparsity=frac,
