@@ -11,6 +11,7 @@ The engine never prints: it returns plain records, and reports progress through 
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,19 @@ class PruneOptions:
     on_finetuned_only: OnFinetunedOnly = OnFinetunedOnly.ERROR
     on_base_only: OnBaseOnly = OnBaseOnly.ERROR
     dtype: DType | None = None  # output dtype of float tensors; None: finetuned's
+
+    def __post_init__(self) -> None:
+        # Checked here, not only in the CLI, so every command and library caller gets it.
+        if not 0 <= self.sparsity <= 1:
+            raise UsageError(
+                f"sparsity {float(self.sparsity)} is outside [0, 1]",
+                hint="sparsity is the fraction of each task vector removed: 0.9 keeps 10%",
+            )
+        if not math.isfinite(self.lam) or self.lam < 0:
+            raise UsageError(
+                f"--lam {self.lam} is not a finite number >= 0",
+                hint="give a finite --lam >= 0 (default 1.0)",
+            )
 
 
 @dataclass(frozen=True)
@@ -118,7 +132,10 @@ def plan_prune(base: Checkpoint, finetuned: Checkpoint, opts: PruneOptions) -> l
         )
     both = [p for p in opts.keep_base if p in opts.keep_finetuned]
     if both:
-        raise UsageError(f"pattern {both[0]!r} given to both --keep-base and --keep-finetuned")
+        raise UsageError(
+            f"pattern {both[0]!r} given to both --keep-base and --keep-finetuned",
+            hint="a tensor either keeps its base value or its whole task vector: pick one",
+        )
 
     items: list[Item] = []
     for name, f in finetuned.tensors.items():

@@ -176,3 +176,14 @@ def test_nan_in_weights_named(tmp_path: Path) -> None:
         run(b, f, tmp_path / "o")
     assert not (tmp_path / "o").exists()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("lam", [float("inf"), float("nan"), -0.5])
+def test_options_refuse_bad_lam_for_every_caller(lam: float) -> None:
+    with pytest.raises(UsageError, match="lam"):
+        PruneOptions(lam=lam)
+
+
+def test_options_refuse_bad_sparsity() -> None:
+    with pytest.raises(UsageError, match="sparsity"):
+        PruneOptions(sparsity=Fraction(3, 2))

@@ -231,8 +231,6 @@ def prune(
         shard_bytes = parse_size(max_shard_size)
         budget_bytes = parse_size(disk_budget) if disk_budget is not None else None
         out_dtype = parse_dtype(dtype) if dtype else None
-        if lam == float("inf"):  # typer's min=0 refuses negatives and NaN, not infinity
-            raise ValueError("--lam inf is not a finite number")
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm prune --help") from err
     import torch
