@@ -317,9 +317,12 @@ class CheckpointWriter:
             # rename(2) refuses to replace a non-empty directory: if another run finished
             # first, ours fails here instead of mixing the two outputs.
             os.rename(self.tmp, out)
-        except OSError as err:
-            if old is not None:
+        except BaseException as err:
+            # Also on Ctrl-C between the two renames: the old output goes back in place.
+            if old is not None and not out.exists():
                 old.rename(out)
+            if not isinstance(err, OSError):
+                raise
             if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise OutputError(
                     f"{out}: appeared while fapm was running (another run?)",

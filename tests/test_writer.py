@@ -99,3 +99,26 @@ def test_abort_leaves_nothing(tmp_path: Path) -> None:
     w.write(TENSORS["a"].reshape(-1)[:2])
     w.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_during_overwrite_swap_restores_old_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous run")
+    w = CheckpointWriter(
+        out, [planned(TENSORS["a"], "a")], max_shard_size=100, metadata={}, overwrite=True
+    )
+    w.write_tensor("a", TENSORS["a"])
+
+    def interrupted(src: object, dst: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", interrupted)  # the old output was already moved aside
+    with pytest.raises(KeyboardInterrupt):
+        w.finish()
+    monkeypatch.undo()
+    w.abort()
+    assert (out / "old.txt").read_text() == "previous run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
