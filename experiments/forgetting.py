@@ -4,14 +4,14 @@ Pipeline, all seeded, no download (see docs/evidence.md for the reading of the r
 
 1. pre-train a byte-level Llama (a transformers LlamaConfig) from scratch on the English text of
    the Python documentation topics (``pydoc_data.topics``), holding out every 8th paragraph;
-2. fully fine-tune it on two-digit addition (``37+45=082``), once per fine-tune seed, until it
-   solves held-out problems and its general held-out loss has clearly risen;
+2. fully fine-tune it on the one-digit addition table (``7+5=12``), once per fine-tune seed,
+   until it answers it and its general held-out loss has clearly risen;
 3. run the real ``fapm prune`` CLI (a subprocess, real checkpoint directories) with methods
    fapm, magnitude, ratio and random at sparsities 0.5 ... 0.99;
 4. measure every output: general held-out loss and next-byte accuracy (forgetting, relative to
    the base) and exact-match addition accuracy (retention, relative to the fine-tuned model).
 
-usage: python experiments/forgetting.py [--preset full|medium|smoke] [--out DIR]
+usage: python experiments/forgetting.py [--preset full|large|smoke] [--out DIR]
                                         [--publish DIR] [--keep-checkpoints] [--no-plots]
 """
 
@@ -40,11 +40,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 METHODS = ("fapm", "magnitude", "ratio", "random")
-LINE = 10  # bytes per addition problem: "37+45=082\n"
-ANSWER = (6, 7, 8)  # offsets of the three answer digits inside a problem line
+LINE = 7  # bytes per addition problem: "7+5=12\n"
+ANSWER = (4, 5)  # offsets of the two answer digits inside a problem line
 HELD_OUT_EVERY = 8  # every 8th distinct paragraph is general held-out text
-TASK_SPLIT_SEED = 1234  # fixed: which (a, b) pairs are held out never depends on a run seed
-TASK_EVAL_PAIRS = 2000  # of the 10,000 pairs, held out from fine-tuning
+TASK_EVAL_SEED = 1234  # order of the evaluation problems; fixed, independent of run seeds
 
 
 @dataclass(frozen=True)
@@ -77,24 +76,26 @@ class Preset:
 FULL_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 PRESETS: dict[str, Preset] = {
+    # What docs/evidence.md reports: sized to finish in ~20-30 min on 2 busy CPU cores.
     "full": Preset(
-        hidden=256, layers=4, intermediate=688, heads=8, kv_heads=4, seq=128, batch=32,
-        pretrain_steps=300, pretrain_lr=2e-3, finetune_steps=150, finetune_lr=1e-3,
-        finetune_seq=64, finetune_batch=16,
-        eval_windows=64, eval_problems=600, log_points=6,
+        hidden=128, layers=4, intermediate=344, heads=4, kv_heads=2, seq=128, batch=16,
+        pretrain_steps=200, pretrain_lr=2e-3, finetune_steps=300, finetune_lr=1e-3,
+        finetune_seq=56, finetune_batch=16,
+        eval_windows=64, eval_problems=600, log_points=5,
         sparsities=FULL_SPARSITIES, finetune_seeds=(1, 2), random_seeds=(0, 1, 2),
     ),
-    "medium": Preset(
-        hidden=128, layers=3, intermediate=344, heads=4, kv_heads=2, seq=128, batch=16,
-        pretrain_steps=150, pretrain_lr=3e-3, finetune_steps=80, finetune_lr=1e-3,
-        finetune_seq=64, finetune_batch=16,
-        eval_windows=32, eval_problems=300, log_points=4,
-        sparsities=FULL_SPARSITIES, finetune_seeds=(1,), random_seeds=(0, 1),
+    # A 3M-parameter model: the same pipeline, about 4x the compute; not run for the docs.
+    "large": Preset(
+        hidden=256, layers=4, intermediate=688, heads=8, kv_heads=4, seq=128, batch=16,
+        pretrain_steps=400, pretrain_lr=2e-3, finetune_steps=300, finetune_lr=1e-3,
+        finetune_seq=56, finetune_batch=16,
+        eval_windows=64, eval_problems=600, log_points=5,
+        sparsities=FULL_SPARSITIES, finetune_seeds=(1, 2, 3), random_seeds=(0, 1, 2),
     ),
     "smoke": Preset(
         hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1, seq=64, batch=4,
         pretrain_steps=6, pretrain_lr=3e-3, finetune_steps=4, finetune_lr=1e-3,
-        finetune_seq=32, finetune_batch=4,
+        finetune_seq=28, finetune_batch=4,
         eval_windows=4, eval_problems=24, log_points=1,
         sparsities=(0.5, 0.99), finetune_seeds=(1,), random_seeds=(0,),
     ),
@@ -124,16 +125,14 @@ def general_split() -> tuple[bytes, bytes]:
 
 
 def problem(a: int, b: int) -> bytes:
-    # Fixed width (zero-padded, 3-digit answer): every answer is exactly three bytes, so greedy
-    # decoding is exactly "argmax right at each answer position given the right prefix".
-    return f"{a:02d}+{b:02d}={a + b:03d}\n".encode()
+    # Fixed width (zero-padded answer): every answer is exactly two bytes, so greedy decoding
+    # is exactly "argmax right at each answer position given the right prefix".
+    return f"{a}+{b}={a + b:02d}\n".encode()
 
 
-def task_split() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(train, held-out) operand pairs; the held-out pairs are never fine-tuned on."""
-    pairs = [(a, b) for a in range(100) for b in range(100)]
-    random.Random(TASK_SPLIT_SEED).shuffle(pairs)
-    return pairs[TASK_EVAL_PAIRS:], pairs[:TASK_EVAL_PAIRS]
+def task_pairs() -> list[tuple[int, int]]:
+    """The 100 facts of the one-digit addition table: fine-tuned on, tested in new contexts."""
+    return [(a, b) for a in range(10) for b in range(10)]
 
 
 def task_stream(pairs: Sequence[tuple[int, int]], n: int, seed: int) -> bytes:
@@ -165,7 +164,8 @@ def eval_set(p: Preset) -> EvalSet:
     if len(held) < need:
         raise SystemExit(f"held-out text has {len(held)} bytes, preset needs {need}")
     general = torch.tensor(list(held[:need]), dtype=torch.long).reshape(p.eval_windows, p.seq)
-    _, pairs = task_split()
+    pairs = task_pairs()
+    random.Random(TASK_EVAL_SEED).shuffle(pairs)
     per_row = max(1, (p.seq - 1) // LINE)
     rows = math.ceil(p.eval_problems / per_row)
     probs = [problem(*pairs[i % len(pairs)]) for i in range(rows * per_row)]
@@ -180,7 +180,7 @@ def eval_set(p: Preset) -> EvalSet:
 class Scores:
     general_loss: float  # mean next-byte cross-entropy on held-out general text (nats)
     general_acc: float  # fraction of held-out general bytes predicted exactly by argmax
-    task_acc: float  # exact match of all three answer digits, greedy decoding
+    task_acc: float  # exact match of both answer digits, greedy decoding
     task_loss: float  # mean cross-entropy of the answer digits
 
 
@@ -199,7 +199,7 @@ def evaluate(model: LlamaForCausalLM, ev: EvalSet, chunk: int = 16) -> Scores:
     general_acc = float(torch.cat(hits).float().mean())
     correct, task_losses = [], []
     for x in ev.task.split(chunk):
-        logits = answer_logits(model, x)  # (b, per_row, 3, vocab)
+        logits = answer_logits(model, x)  # (b, per_row, 2, vocab)
         target = x[:, answer_positions(x.shape[1])].reshape(logits.shape[:3])
         task_losses.append(
             torch.nn.functional.cross_entropy(
@@ -222,10 +222,10 @@ def answer_positions(row_len: int) -> torch.Tensor:
 
 
 def answer_logits(model: LlamaForCausalLM, rows: torch.Tensor) -> torch.Tensor:
-    """Logits predicting each answer digit given the true prefix: (rows, problems, 3, vocab).
+    """Logits predicting each answer digit given the true prefix: (rows, problems, 2, vocab).
 
     With fixed-width answers, greedy decoding answers a problem exactly iff the argmax is right
-    at each of its three digits given the right digits before it, so one teacher-forced forward
+    at each of its digits given the right digits before it, so one teacher-forced forward
     pass gives the greedy exact-match accuracy of every problem in the row.
     """
     pos = answer_positions(rows.shape[1])
@@ -409,9 +409,8 @@ class Runner:
         p = self.preset
         torch.manual_seed(seed)
         model = LlamaForCausalLM.from_pretrained(base)
-        pairs, _ = task_split()
         data = task_stream(
-            pairs, p.finetune_steps * p.finetune_batch * p.finetune_seq // LINE + 1000, seed
+            task_pairs(), p.finetune_steps * p.finetune_batch * p.finetune_seq // LINE + 1000, seed
         )
         train(
             model,
