@@ -202,8 +202,6 @@ def bench_size(
                 }
             else:
                 row = measure(cmd)
-            if name == "fapm diff":
-                pass  # keep the task vector for merge
             rows.setdefault(name, []).append(row)
             status = (
                 "ok"
@@ -262,7 +260,8 @@ def markdown(results: dict[str, dict[str, object]]) -> str:
             f"{facts['largest_tensor_numel'] / 1e6:.1f}M elements\n"
         )
         lines.append(
-            "| run | wall (s) | M params/s | × I/O floor | vs mergekit | peak RSS (MB) | RSS budget (MB) | load |"
+            "| run | wall (s) | M params/s | × I/O floor | vs mergekit | peak RSS (MB) "
+            "| RSS budget (MB) | load |"
         )
         lines.append("|---|---|---|---|---|---|---|---|")
         for r in table:
@@ -280,7 +279,8 @@ def markdown(results: dict[str, dict[str, object]]) -> str:
             budget = r["rss_budget_mb"] if r["run"].startswith("fapm prune") else ""
             load = ", ".join(str(x) for x in r["load1"])
             lines.append(
-                f"| {r['run']} | {w} | {r['mparams_per_s']} | {xf} | {xm} | {rss} | {budget} | {load} |"
+                f"| {r['run']} | {w} | {r['mparams_per_s']} | {xf} | {xm} | {rss} "
+                f"| {budget} | {load} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -295,7 +295,10 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}"
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), "
+        f"{mem:.0f} GiB RAM, Python {platform.python_version()}"
+    )
 
 
 def main() -> None:

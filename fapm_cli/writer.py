@@ -370,7 +370,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _byte_view(raw: torch.Tensor) -> memoryview:
     """The bytes of a contiguous uint8 tensor, without a copy."""
-    return memoryview(raw.numpy()).cast("B")
+    return memoryview(raw.numpy()).cast("B")  # type: ignore[arg-type]
 
 
 class _Worker:
@@ -458,7 +458,7 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
         return None  # not Linux: the final fsync does it all
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 _SYNC_FILE_RANGE = _sync_file_range()
