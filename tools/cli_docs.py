@@ -14,9 +14,9 @@ from pathlib import Path
 os.environ["COLUMNS"] = "100"  # help is wrapped to the terminal: fix the width
 os.environ["NO_COLOR"] = "1"
 
-from typer.testing import CliRunner  # noqa: E402
+from typer.testing import CliRunner
 
-from fapm_cli.cli.app import app  # noqa: E402
+from fapm_cli.cli.app import app
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
