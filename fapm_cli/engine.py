@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,9 +24,10 @@ from typing import Protocol
 import torch
 
 from fapm_cli import scoring
-from fapm_cli.errors import InputError, MismatchError, ResourceError, UsageError
+from fapm_cli.errors import InputError, MismatchError, OutputError, ResourceError, UsageError
 from fapm_cli.header import DType, PlannedTensor
 from fapm_cli.pairing import pair_error
+from fapm_cli.parts import Part
 from fapm_cli.reader import Checkpoint, TensorReader, TensorRef
 from fapm_cli.scoring import CHUNK, Method
 
@@ -657,14 +659,19 @@ def prune(
     progress: Progress | None = None,
     disk_budget: int | None = None,
     prefetch: bool = True,
+    part: Part | None = None,
+    finalize: bool = False,
 ) -> PruneReport:
     """Prune ``finetuned`` against ``base`` and write the merged checkpoint to ``output``.
 
     ``disk_budget`` bounds the bytes of downloaded Hub shards kept on disk (see hub_source).
+    ``part`` writes only that part's shards, next to ``output`` (see ``parts``); ``finalize``
+    then joins all parts into ``output``. The report of a part covers its own tensors.
     """
+    from fapm_cli import parts
     from fapm_cli.reader import open_checkpoint
     from fapm_cli.sources import resolve_source
-    from fapm_cli.writer import CheckpointWriter, check_output_path
+    from fapm_cli.writer import CheckpointWriter, check_output_path, plan_shards, shard_names
 
     started = time.monotonic()
     budget = None
@@ -682,24 +689,59 @@ def prune(
     warnings = [f"pattern {p!r} matches no tensor" for p in unmatched_patterns(items, opts)]
     out = Path(output)
     check_output_path(out, _local_paths(base, finetuned), overwrite)
+    metadata = provenance(
+        "model", opts, base=base.source.provenance(), finetuned=finetuned.source.provenance()
+    )
+    groups = plan_shards([i.out for i in items], max_shard_size)
+    plan = list(zip(shard_names(len(groups)), groups, strict=True))
+    copy_from = {FilesFrom.FINETUNED: finetuned, FilesFrom.BASE: base}.get(files_from)
+    digest = parts.options_hash(
+        opts, metadata, plan,
+        {"max_shard_size": str(max_shard_size), "files_from": files_from.value, "save": "model"},
+    )  # fmt: skip
+    mine: list[str] | None = None
+    target = out
+    if part is not None:
+        mine = part.shards([name for name, _ in plan])
+        chosen = {t.name for name, group in plan if name in mine for t in group}
+        items = [i for i in items if i.name in chosen]
+        staging = parts.staging_dir(out)
+        target = staging / part.dirname
+        try:  # made here, not by the writer: a failed part must not remove its siblings' home
+            staging.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(
+                f"{staging}: cannot create the parts directory ({err.strerror})",
+                hint="choose an output inside a writable directory",
+            ) from err
     writer = CheckpointWriter(
-        out,
-        [i.out for i in items],
+        target,
+        [t for _, group in plan for t in group],
         max_shard_size=max_shard_size,
-        metadata=provenance(
-            "model", opts, base=base.source.provenance(), finetuned=finetuned.source.provenance()
-        ),
+        metadata=metadata,
         overwrite=overwrite,
         background=prefetch,  # every chunk prune_tensor writes is a fresh tensor
+        shards=mine,
     )
     try:
-        progress.start(sum(i.read_bytes for i in items), "prune")
-        results = run_prune(
-            base, finetuned, items, opts, Sink(writer.begin, writer.write), progress.advance,
-            prefetch=prefetch,
-        )  # fmt: skip
-        copy_from = {FilesFrom.FINETUNED: finetuned, FilesFrom.BASE: base}.get(files_from)
-        writer.finish(extra_files(copy_from) if copy_from else ())
+        if finalize:
+            staging = parts.staging_dir(out)
+            joined = parts.collect(staging, digest, [name for name, _ in plan], items)
+            for name, _ in plan:
+                writer.adopt(name, joined.shard_path[name], joined.shard_info[name])
+            writer.finish(extra_files(copy_from) if copy_from else ())
+            shutil.rmtree(staging, ignore_errors=True)
+            results = joined.results
+        else:
+            progress.start(sum(i.read_bytes for i in items), "prune")
+            results = run_prune(
+                base, finetuned, items, opts, Sink(writer.begin, writer.write),
+                progress.advance, prefetch=prefetch,
+            )  # fmt: skip
+            if part is not None:
+                writer.finish_part(parts.MARKER, parts.marker(part, digest, results))
+            else:
+                writer.finish(extra_files(copy_from) if copy_from else ())
     except BaseException:
         writer.abort()
         raise
@@ -708,7 +750,7 @@ def prune(
         if budget is not None:
             budget.close()  # removes shards still held, e.g. after an error
     return PruneReport(
-        str(out),
+        str(target),
         base.source.provenance(),
         finetuned.source.provenance(),
         opts,

@@ -17,7 +17,7 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,7 +127,10 @@ class CheckpointWriter:
         overwrite: bool = False,
         fsync: bool = True,
         background: bool = False,
+        shards: Collection[str] | None = None,
     ) -> None:
+        """``shards``: write only these shards of the plan (one part of ``prune --part``); the
+        plan, and so every shard's name and bytes, is still computed from all ``tensors``."""
         self.output = output
         self.overwrite = overwrite
         self.fsync = fsync
@@ -136,7 +139,10 @@ class CheckpointWriter:
         groups = plan_shards(tensors, max_shard_size)
         names = shard_names(len(groups))
         self._plan = [(name, group) for name, group in zip(names, groups, strict=True)]
-        self._queue = [(name, t) for name, group in self._plan for t in group]
+        self._selected = [n for n in names if shards is None or n in shards]
+        self._queue = [
+            (name, t) for name, group in self._plan if name in self._selected for t in group
+        ]
         self._pos = -1  # index in _queue of the tensor being written
         self._left = 0  # bytes still expected for that tensor
         self._shard: _OpenShard | None = None
@@ -262,18 +268,76 @@ class CheckpointWriter:
             os.close(shard.fd)
         self.shard_info[shard.name] = {"bytes": shard.size, "sha256": shard.digest.hexdigest()}
 
+    def adopt(self, name: str, path: Path, info: dict[str, object]) -> None:
+        """Take shard ``name``, written earlier by a part, from ``path`` instead of writing it.
+
+        Hard-linked when the file system allows it (no copy, and the part stays intact until
+        the output is in place); its size must be the plan's, ``info`` is its index entry."""
+        group = next(g for n, g in self._plan if n == name)
+        upcoming = self._queue[self._pos + 1 : self._pos + 1 + len(group)]
+        if (
+            self._left
+            or self._shard is not None
+            or [t.name for _, t in upcoming] != [t.name for t in group]
+        ):
+            raise AssertionError(f"adopt({name}) out of plan order")
+        expected = len(build_header(group, self.metadata)) + sum(t.nbytes for t in group)
+        dest = self.tmp / name
+        try:
+            size = path.stat().st_size
+            if size != expected:
+                raise OutputError(
+                    f"{path}: {size} bytes, the plan says {expected}",
+                    hint="the part that wrote it was cut short or changed since: run that "
+                    "part again",
+                )
+            try:
+                os.link(path, dest)
+            except OSError:  # no hard links here (or another file system): copy
+                shutil.copyfile(path, dest)
+                os.chmod(dest, FILE_MODE)
+        except FileNotFoundError as err:
+            raise OutputError(
+                f"{path}: missing", hint="the part that writes it did not finish: run it again"
+            ) from err
+        except OSError as err:
+            raise os_error(err, str(self.output / name)) from err
+        self._pos += len(group)
+        for t in group:
+            self.weight_map[t.name] = name
+        self.shard_info[name] = {"bytes": info["bytes"], "sha256": info["sha256"]}
+
+    def _complete(self) -> None:
+        if self._left or self._pos != len(self._queue) - 1:
+            raise AssertionError("finish() before every planned tensor was written")
+        # Shards with no tensors (only the empty checkpoint's) still get written, once.
+        for name, group in self._plan:
+            if not group and name in self._selected and name not in self.shard_info:
+                self._close_shard()
+                self._open_shard(name)
+        self._close_shard()
+        if self._worker is not None:
+            self._worker.drain()
+
+    def finish_part(self, marker_name: str, marker: dict[str, object]) -> None:
+        """Close this part's shards, write its marker (last: it says the part is complete),
+        and move the part's directory into place, replacing an earlier run of the same part."""
+        self._complete()
+        record = {**marker, "shards": self.shard_info, "weight_map": self.weight_map}
+        try:
+            self._write_small(marker_name, json.dumps(record, indent=2) + "\n")
+            os.chmod(self.tmp, DIR_MODE)
+            self.overwrite = True  # a rerun of a part replaces it: parts are idempotent
+            self._move_into_place()
+        except OSError as err:
+            raise os_error(err, str(self.output)) from err
+
     def finish(self, copy_files: Sequence[tuple[str, Callable[[], str]]] = ()) -> None:
         """Close the last shard, write the index, copy extra files, and move into place.
 
         ``copy_files`` pairs a file name with a function returning the local path to copy.
         """
-        if self._left or self._pos != len(self._queue) - 1:
-            raise AssertionError("finish() before every planned tensor was written")
-        if not self._queue:  # a checkpoint with no tensors still gets its (empty) shard
-            self._open_shard(self._plan[0][0])
-        self._close_shard()
-        if self._worker is not None:
-            self._worker.drain()
+        self._complete()
         total = sum(t.nbytes for _, t in self._queue)
         index = {
             "metadata": {"total_size": total, **self.index_metadata, "shards": self.shard_info},

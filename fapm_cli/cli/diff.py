@@ -16,6 +16,7 @@ from fapm_cli.cli.options import (
     OverwriteOpt,
     QuietOpt,
     ThreadsOpt,
+    set_threads,
 )
 from fapm_cli.errors import UsageError
 
@@ -71,10 +72,7 @@ def diff(
         delta_dtype = parse_dtype(dtype) if dtype else None
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm diff --help") from err
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     result = merging.diff(
         base,
         finetuned,

@@ -15,6 +15,7 @@ from fapm_cli.cli.options import (
     OverwriteOpt,
     QuietOpt,
     ThreadsOpt,
+    set_threads,
 )
 from fapm_cli.cli.prune import MethodChoice
 from fapm_cli.errors import UsageError
@@ -143,10 +144,7 @@ def merge(
         out_dtype = parse_dtype(dtype) if dtype else None
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm merge --help") from err
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     full = ws * n if len(ws) == 1 else ws or [1.0] * n
     kinds = [merging.TASK_VECTOR_KIND] * len(tvs) + ["finetuned"] * len(fts)
     inputs = [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from enum import StrEnum
 from typing import Annotated
 
@@ -18,6 +17,7 @@ from fapm_cli.cli.options import (
     OverwriteOpt,
     QuietOpt,
     ThreadsOpt,
+    set_threads,
 )
 from fapm_cli.errors import UsageError
 
@@ -199,6 +199,25 @@ def prune(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     threads: ThreadsOpt = None,
+    part: Annotated[
+        str | None,
+        typer.Option(
+            "--part",
+            metavar="I/N",
+            help="Write only part I of N (by output shard) into DIR.fapm-parts/, so N jobs "
+            "can share one prune; then run the same command with --finalize instead. See "
+            "docs/scale.md.",
+            show_default=False,
+        ),
+    ] = None,
+    finalize: Annotated[
+        bool,
+        typer.Option(
+            "--finalize",
+            help="Join the parts written by --part runs with these arguments: check them, "
+            "write the index and config files, move the result to --output.",
+        ),
+    ] = False,
 ) -> None:
     """Prune a fine-tune's task vector with FAPM and write base + kept updates.
 
@@ -220,12 +239,25 @@ def prune(
     extended = task_vector is not None or save is not SaveChoice.model
     if fmt is FormatChoice.compact and save is SaveChoice.model:
         raise UsageError("--format compact needs --save task-vector", hint="see fapm prune --help")
+    if part is not None and finalize:
+        raise UsageError(
+            "--part and --finalize go in separate runs",
+            hint="run each --part I/N, then the same command with --finalize and no --part",
+        )
+    if extended and (part is not None or finalize):
+        raise UsageError(
+            "--part and --finalize work with --finetuned and --save model only",
+            hint="run the whole prune in one job, or save the model and diff it afterwards",
+        )
     if extended and disk_budget is not None:
         raise UsageError(
             "--disk-budget works with --finetuned and --save model only",
             hint="download the checkpoints first, or drop --disk-budget",
         )
 
+    from fapm_cli.parts import Part
+
+    split = Part.parse(part) if part is not None else None
     try:
         frac = scoring.parse_sparsity(sparsity)
         shard_bytes = parse_size(max_shard_size)
@@ -233,12 +265,7 @@ def prune(
         out_dtype = parse_dtype(dtype) if dtype else None
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm prune --help") from err
-    import torch
-
-    # Default: every core but one for tensor math; the remaining one reads the next tensor
-    # and hashes and writes the output (see docs/benchmarks.md: with all cores, torch's
-    # worker threads stall on each other whenever one core is busy with I/O).
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
+    set_threads(threads)
     opts = engine.PruneOptions(
         method=scoring.Method(method.value),
         sparsity=frac,
@@ -263,6 +290,8 @@ def prune(
             overwrite=overwrite,
             disk_budget=budget_bytes,
             progress=progress,
+            part=split,
+            finalize=finalize,
         )
         extra = merging.TVPruneReport(result, merging.Save.MODEL, Format.DENSE, None, [], 1)
     else:

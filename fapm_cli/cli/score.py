@@ -15,6 +15,7 @@ from fapm_cli.cli.options import (
     OverwriteOpt,
     QuietOpt,
     ThreadsOpt,
+    set_threads,
 )
 from fapm_cli.errors import UsageError
 
@@ -152,10 +153,7 @@ def score(
         fmt = FormatChoice.json
     if plot is not None:
         forgetting.check_plot_path(plot)  # before the heavy work
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     result = forgetting.score(
         base,
         finetuned,
