@@ -252,6 +252,8 @@ def _keep_masks(
     try:
         for c in range(0, n, CHUNK):
             mask, ties_seen = scoring.keep_mask_chunk(keys[c : c + CHUNK], threshold, ties_seen)
+            if mask.device.type != "cpu":  # --device cuda: the output is built on the CPU
+                mask = mask.cpu()
             yield c, c + mask.numel(), mask
     finally:
         scoring.release(ranked)  # masks are fresh tensors: the keys may be reused now

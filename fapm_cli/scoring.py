@@ -126,7 +126,7 @@ def select_threshold(keys: torch.Tensor, k: int) -> Threshold:
     above = 0  # keys known to be strictly greater than every key in the current bucket
     for level in range(width // 16):
         shift = width - 16 * (level + 1)
-        hist = torch.zeros(1 << 16, dtype=torch.int64)
+        hist = torch.zeros(1 << 16, dtype=torch.int64, device=keys.device)
         for c in range(0, n, CHUNK):
             # XOR with the sign bit turns signed order into unsigned order of the bit pattern.
             u = flat[c : c + CHUNK] ^ sign_bit
@@ -134,7 +134,7 @@ def select_threshold(keys: torch.Tensor, k: int) -> Threshold:
                 u = u[((u >> (shift + 16)) & ((1 << (16 * level)) - 1)) == prefix]
             hist += torch.bincount(((u >> shift) & 0xFFFF).reshape(-1), minlength=1 << 16)
         # Walk buckets from the top until the k-th largest key falls inside one.
-        from_top = hist.flip(0).cumsum(0)
+        from_top = hist.cpu().flip(0).cumsum(0)
         idx = int(torch.searchsorted(from_top, torch.tensor(k - above)))
         above += int(from_top[idx - 1]) if idx > 0 else 0
         prefix = (prefix << 16) | ((1 << 16) - 1 - idx)
@@ -179,17 +179,31 @@ def random_mask_block(seed: int, name: str, block: int, size: int, keep: float) 
 # Elements per chunk of the fused pass: its float32 scratch (a few chunk-sized buffers) stays in
 # a core's L2 cache. Changing it changes no key, mask or byte, only float64 statistic rounding.
 FUSED_CHUNK = 1 << 18
+# On a GPU a chunk is a few kernel launches: larger chunks, same keys (element-wise work).
+DEVICE_CHUNK = 1 << 24
 _DIGITS = 1 << 16
+
+# Where scoring and selection run (``--device``); masks and output bytes are the same on all.
+_DEVICE = {"current": torch.device("cpu")}
+
+
+def set_device(device: torch.device | str) -> None:
+    _DEVICE["current"] = torch.device(device)
+
+
+def current_device() -> torch.device:
+    return _DEVICE["current"]
 
 
 class Scratch:
     """Reusable buffers for ``score_keys_into``, sized for one chunk."""
 
-    def __init__(self, size: int, dtype: torch.dtype) -> None:
-        self.a = torch.empty(size, dtype=dtype)
-        self.b = torch.empty(size, dtype=dtype)
-        self.zero = torch.empty(size, dtype=torch.bool)
-        self.k = torch.empty(size, dtype=torch.int64 if dtype == torch.float64 else torch.int32)
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device | None = None) -> None:
+        self.a = torch.empty(size, dtype=dtype, device=device)
+        self.b = torch.empty(size, dtype=dtype, device=device)
+        self.zero = torch.empty(size, dtype=torch.bool, device=device)
+        kdt = torch.int64 if dtype == torch.float64 else torch.int32
+        self.k = torch.empty(size, dtype=kdt, device=device)
 
 
 def score_keys_into(
@@ -235,7 +249,7 @@ def score_keys_into(
 
 def _bucket_walk(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """The bin (from the bottom) holding the k-th largest count, and how many lie above it."""
-    from_top = hist.flip(0).cumsum(0)
+    from_top = hist.cpu().flip(0).cumsum(0)
     idx = int(torch.searchsorted(from_top, torch.tensor(k)))
     above = int(from_top[idx - 1]) if idx > 0 else 0
     return hist.numel() - 1 - idx, above
@@ -256,7 +270,7 @@ def select_from_top_histogram(keys: torch.Tensor, hist0: torch.Tensor, k: int) -
     low = (bucket - (_DIGITS >> 1)) << 16  # smallest key in the bucket
     lo_b = max(low - 1, -(1 << 31))
     hi_b = min(low + _DIGITS, (1 << 31) - 1)
-    hist1 = torch.zeros(hi_b - lo_b + 1, dtype=torch.int64)
+    hist1 = torch.zeros(hi_b - lo_b + 1, dtype=torch.int64, device=keys.device)
     for c in range(0, n, CHUNK):
         clamped = keys[c : c + CHUNK].clamp(lo_b, hi_b).sub_(lo_b)
         hist1 += torch.bincount(clamped, minlength=hist1.numel())
@@ -330,25 +344,43 @@ def rank_tensor(
     k: int,
     lam: float,
     on_nonfinite: Callable[[int, int], None],
+    *,
+    device: torch.device | None = None,
+    chunk: int | None = None,
 ) -> Ranked:
     """Score every entry (one fused pass) and find the exact top-``k`` threshold.
 
     ``base``/``finetuned`` are flat, in storage dtype. ``on_nonfinite(start, stop)`` is called
     for a chunk whose ``sum(tau^2)`` is not finite: it must raise if an input there is NaN/Inf
     (otherwise tau^2 merely overflowed, and scoring goes on as the reference would).
+
+    ``device`` (default: ``current_device()``): where scoring and selection run; the keys are
+    then on that device. Every op is an exactly rounded float32 (float64) op or integer work,
+    each its own kernel, so the keys and the threshold are the CPU's bit for bit; the mean
+    ``m`` (a float64 reduction whose order a GPU would change) is computed on the CPU first.
+    Only ``sq_total`` (a float64 sum, for the report) may differ in its last bits.
     """
+    device = device or current_device()
     n = base.numel()
     cdt = compute_dtype(base.dtype, finetuned.dtype)
     coef = torch.tensor(lam, dtype=cdt) * torch.tensor(
         mean_abs(base, cdt) if method is Method.FAPM else 0.0, dtype=cdt
     )
-    keys = _KEYS.take(n, torch.int64 if cdt == torch.float64 else torch.int32)
-    scratch = Scratch(min(FUSED_CHUNK, max(n, 1)), cdt)
+    kdt = torch.int64 if cdt == torch.float64 else torch.int32
+    if device.type == "cpu":
+        keys = _KEYS.take(n, kdt)
+        step = chunk or FUSED_CHUNK
+    else:  # the inputs go over whole (the largest tensor sets the device memory too)
+        base, finetuned = base.to(device), finetuned.to(device)
+        coef = coef.to(device)
+        keys = torch.empty(n, dtype=kdt, device=device)
+        step = chunk or DEVICE_CHUNK
+    scratch = Scratch(min(step, max(n, 1)), cdt, device)
     fused_hist = cdt == torch.float32 and 0 < k < n
-    hist0 = torch.zeros(_DIGITS, dtype=torch.int64)
+    hist0 = torch.zeros(_DIGITS, dtype=torch.int64, device=device)
     sq_total = 0.0
-    for c in range(0, n, FUSED_CHUNK):
-        stop = min(c + FUSED_CHUNK, n)
+    for c in range(0, n, step):
+        stop = min(c + step, n)
         x = keys[c:stop]
         sq = score_keys_into(method, base[c:stop], finetuned[c:stop], coef, x, scratch)
         if not math.isfinite(sq):

@@ -9,6 +9,8 @@ import typer
 from fapm_cli.cli.boundary import boundary
 from fapm_cli.cli.options import (
     BaseOpt,
+    DeviceChoice,
+    DeviceOpt,
     JsonOpt,
     MaxShardOpt,
     OutputOpt,
@@ -16,6 +18,7 @@ from fapm_cli.cli.options import (
     QuietOpt,
     ThreadsOpt,
     set_threads,
+    use_device,
 )
 from fapm_cli.cli.prune import MethodChoice
 from fapm_cli.errors import UsageError
@@ -110,6 +113,7 @@ def merge(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = DeviceChoice.cpu,
 ) -> None:
     """Write base + sum_i w_i * tau_i in one streaming pass.
 
@@ -145,6 +149,7 @@ def merge(
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm merge --help") from err
     set_threads(threads)
+    use_device(device)
     full = ws * n if len(ws) == 1 else ws or [1.0] * n
     kinds = [merging.TASK_VECTOR_KIND] * len(tvs) + ["finetuned"] * len(fts)
     inputs = [

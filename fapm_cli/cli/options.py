@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated
 
 import typer
+
+from fapm_cli.errors import UsageError
 
 BaseOpt = Annotated[
     str,
@@ -92,3 +95,43 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
+
+
+class DeviceChoice(StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+    auto = "auto"
+
+
+DeviceOpt = Annotated[
+    DeviceChoice,
+    typer.Option(
+        "--device",
+        help="Where scores are computed and selected: cpu, cuda (a GPU), or auto (cuda when "
+        "one is available). Same masks and bytes on every device; see docs/benchmarks.md.",
+    ),
+]
+
+
+def use_device(choice: DeviceChoice) -> str:
+    """Point the scoring at ``choice`` (resolved: auto -> cuda or cpu) and return its name."""
+    import torch
+
+    from fapm_cli import scoring
+
+    if choice is DeviceChoice.cuda and not torch.cuda.is_available():
+        why = (
+            f"this torch ({torch.__version__}) is built without CUDA"
+            if torch.version.cuda is None
+            else "torch sees no CUDA device"
+        )
+        raise UsageError(
+            f"--device cuda: {why}",
+            hint="use --device cpu (or auto); for a GPU install a CUDA build of torch and "
+            "check nvidia-smi and CUDA_VISIBLE_DEVICES",
+        )
+    name = "cpu"
+    if choice is DeviceChoice.cuda or (choice is DeviceChoice.auto and torch.cuda.is_available()):
+        name = "cuda"
+    scoring.set_device(name)
+    return name

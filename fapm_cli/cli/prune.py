@@ -10,6 +10,8 @@ import typer
 from fapm_cli.cli.boundary import boundary
 from fapm_cli.cli.options import (
     BaseOpt,
+    DeviceChoice,
+    DeviceOpt,
     DiskBudgetOpt,
     JsonOpt,
     MaxShardOpt,
@@ -18,6 +20,7 @@ from fapm_cli.cli.options import (
     QuietOpt,
     ThreadsOpt,
     set_threads,
+    use_device,
 )
 from fapm_cli.errors import UsageError
 
@@ -199,6 +202,7 @@ def prune(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = DeviceChoice.cpu,
     part: Annotated[
         str | None,
         typer.Option(
@@ -266,6 +270,7 @@ def prune(
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm prune --help") from err
     set_threads(threads)
+    use_device(device)
     opts = engine.PruneOptions(
         method=scoring.Method(method.value),
         sparsity=frac,

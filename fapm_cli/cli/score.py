@@ -10,12 +10,15 @@ import typer
 from fapm_cli.cli.boundary import boundary
 from fapm_cli.cli.options import (
     BaseOpt,
+    DeviceChoice,
+    DeviceOpt,
     FinetunedOpt,
     JsonOpt,
     OverwriteOpt,
     QuietOpt,
     ThreadsOpt,
     set_threads,
+    use_device,
 )
 from fapm_cli.errors import UsageError
 
@@ -133,6 +136,7 @@ def score(
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = DeviceChoice.cpu,
 ) -> None:
     """Measure where a fine-tune risks forgetting, and what FAPM and magnitude pruning keep.
 
@@ -154,6 +158,7 @@ def score(
     if plot is not None:
         forgetting.check_plot_path(plot)  # before the heavy work
     set_threads(threads)
+    use_device(device)
     result = forgetting.score(
         base,
         finetuned,
