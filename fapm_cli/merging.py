@@ -237,6 +237,20 @@ class TaskVectorReader:
             return tv.reconstruct(base, self._read(e.main), out)
         return tv.apply_sparse(base, self.mask(e), self._read(e.main), out)
 
+    def model_chunks(self, name: str, base: torch.Tensor | None) -> Iterator[torch.Tensor]:
+        """``model(name, base)`` flattened, in consecutive chunks: the same bytes, without a
+        full-size float32 temporary (a dense delta is added to base one chunk at a time)."""
+        e = self.tv.entries[name]
+        if e.repr is not Repr.DELTA:
+            yield self.model(name, base).reshape(-1)
+            return
+        assert base is not None
+        out = tv.torch_dtype(e.model_dtype)
+        b = base.reshape(-1)
+        d = self._read(e.main).reshape(-1)
+        for c in range(0, b.numel(), CHUNK):
+            yield tv.reconstruct(b[c : c + CHUNK], d[c : c + CHUNK], out)
+
     def contribution(
         self, name: str, base: torch.Tensor, cdt: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1180,25 +1194,27 @@ def _merge_tensor(
     exact = len(holders) == 1 and first.spec.weight == 1.0
     # Non-float tensors, and tensors only in the inputs, are the first input's values.
     if base is None or not target.dtype.is_float or exact:
+        # Chunk by chunk: the peak is the inputs, never a full-size copy of the output.
+        changed = 0
+        done = 0
+
+        def keep(chunk: torch.Tensor) -> None:
+            nonlocal changed, done
+            chunk = chunk.reshape(-1)
+            write(chunk.contiguous())
+            here = base.reshape(-1)[done : done + chunk.numel()] if base is not None else None
+            changed += _changed(chunk, here, out)
+            done += chunk.numel()
+
         if first.taskvec is not None:
             assert first.tv_reader is not None
-            result = first.tv_reader.model(name, base).to(out)
-            write(result.contiguous())
+            for chunk in first.tv_reader.model_chunks(name, base):
+                keep(chunk.to(out))
         else:
             assert first.reader is not None
-            item = first.items[name]
             f = first.reader.read(name)
-            parts: list[torch.Tensor] = []
-
-            def keep(chunk: torch.Tensor) -> None:
-                parts.append(chunk)
-                write(chunk)
-
-            engine.process_item(item, base, f, opts, keep)
-            result = (
-                torch.cat([p.reshape(-1) for p in parts]) if parts else torch.empty(0, dtype=out)
-            )
-        return _changed(result, base, out)
+            engine.process_item(first.items[name], base, f, opts, keep)
+        return changed
 
     b = base.reshape(-1)
     cdt = tv.compute_dtype(b.dtype, *(tv.torch_dtype(r.info.dtype) for o in holders
