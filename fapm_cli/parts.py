@@ -178,7 +178,7 @@ def collect(staging: Path, digest: str, plan_names: list[str], items: list[Item]
         for name in expected:
             shard_path[name] = where / name
             shard_info[name] = shards[name]
-        for t in record.get("tensors", []):  # type: ignore[union-attr]
+        for t in record.get("tensors", []):
             by_name[t["name"]] = TensorResult(
                 t["name"], tuple(t["shape"]), t["dtype"], Action(t["action"]), t["numel"],
                 t["kept"], t["sq_norm_kept"], t["sq_norm"],
