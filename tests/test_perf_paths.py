@@ -37,9 +37,14 @@ def _mask_from_engine(b: torch.Tensor, f: torch.Tensor, opts: engine.PruneOption
     return torch.cat(parts)
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.parametrize("method", ["fapm", "magnitude", "ratio"])
 @pytest.mark.parametrize("sparsity", ["0.9", "0.5", "0.999"])
-def test_fused_masks_equal_reference_on_tied_bf16(method: str, sparsity: str) -> None:
+def test_fused_masks_equal_reference_on_tied_bf16(
+    method: str, sparsity: str, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The scoring pass split across worker threads must not change a key.
+    monkeypatch.setattr(scoring, "score_workers", lambda: workers)
     # Several fused chunks, a partial last one, and many exact ties at the threshold.
     n = 3 * scoring.FUSED_CHUNK + 12345
     b, f = _bf16_pair(n)
@@ -80,6 +85,15 @@ def test_threshold_from_histogram_equals_radix_select() -> None:
                 out.append(m)
             assert int(torch.cat(out).sum()) == k, name
         assert torch.equal(torch.cat(fast_mask), torch.cat(exact_mask)), k
+
+
+def test_nan_is_refused_from_a_scoring_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scoring, "score_workers", lambda: 2)
+    b, f = _bf16_pair(3 * scoring.FUSED_CHUNK)
+    f[2 * scoring.FUSED_CHUNK + 5] = float("nan")  # in the third chunk: the first worker's
+    opts = engine.PruneOptions(sparsity=Fraction(9, 10))
+    with pytest.raises(engine.InputError, match="NaN"):
+        _mask_from_engine(b, f, opts)
 
 
 def test_nan_in_input_is_still_refused_by_the_fused_pass() -> None:
