@@ -171,11 +171,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        sent = 0
-        if self.command != "HEAD":
-            self.wfile.write(body)
-            sent = len(body)
+        # Recorded before the body goes out: once the client has the response it may check the
+        # records at once, and must find this request there.
+        sent = 0 if self.command == "HEAD" else len(body)
         self._record(status, sent)
+        if sent:
+            self.wfile.write(body)
 
     def _error(
         self, status: int, code: str, message: str, extra: dict[str, str] | None = None
@@ -309,9 +310,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        self._record(200, keep)  # before the bytes: see _send
         self.wfile.write(data[:keep])
         self.wfile.flush()
-        self._record(200, keep)
         self.close_connection = True
         self.connection.shutdown(2)
 
