@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any, TextIO
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 if TYPE_CHECKING:
     from fapm_cli.engine import PruneReport, TensorResult
 
 JSON_SCHEMA_VERSION = 1
+T = TypeVar("T")
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -44,6 +46,26 @@ def warn(message: str) -> None:
 
 def emit_json(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def show(
+    warnings: Sequence[str],
+    result: T,
+    *,
+    json_out: bool,
+    quiet: bool,
+    as_json: Callable[[T], dict[str, Any]],
+    as_table: Callable[[T], None],
+) -> None:
+    """How every command ends: warnings on stderr, then the result on stdout as one JSON
+    object (--json) or as tables; --quiet keeps only the JSON."""
+    if not quiet:
+        for w in warnings:
+            warn(w)
+    if json_out:
+        emit_json(as_json(result))
+    elif not quiet:
+        as_table(result)
 
 
 class BarProgress:
@@ -418,6 +440,8 @@ def prune_tv_json(r: Any) -> dict[str, Any]:
 
 
 def print_prune_tv(r: Any) -> None:
+    """The prune summary, plus what was read from or written as a task vector."""
+    print_prune(r.prune)
     if r.task_vector:
         console().print(f"finetuned rebuilt from task vector {r.task_vector}")
     if r.tv_tensors:

@@ -16,6 +16,7 @@ from fapm_cli.cli.options import (
     OverwriteOpt,
     QuietOpt,
     ThreadsOpt,
+    exit_codes,
     set_threads,
 )
 from fapm_cli.errors import UsageError
@@ -28,10 +29,7 @@ Examples:
   fapm merge -b ./llama-base -t ./sft-tv -o ./sft-again     # = llama-sft, bit for bit
   fapm diff -b base/ -f sft/ --dtype bfloat16 -o tv-small/  # half the size, lossy
 
-\b
-Exit codes: 0 ok, 2 usage, 3 bad input, 4 base/finetuned mismatch,
-5 output problem, 6 resources (disk full), 130 interrupted. See docs/errors.md.
-"""
+""" + exit_codes()
 
 
 @boundary
@@ -82,10 +80,11 @@ def diff(
         overwrite=overwrite,
         progress=report.BarProgress(enabled=not quiet and not json_out),
     )
-    if not quiet:
-        for w in result.warnings:
-            report.warn(w)
-    if json_out:
-        report.emit_json(report.diff_json(result))
-    elif not quiet:
-        report.print_diff(result)
+    report.show(
+        result.warnings,
+        result,
+        json_out=json_out,
+        quiet=quiet,
+        as_json=report.diff_json,
+        as_table=report.print_diff,
+    )

@@ -13,14 +13,15 @@ from fapm_cli.cli.options import (
     DeviceOpt,
     JsonOpt,
     MaxShardOpt,
+    MethodChoice,
     OutputOpt,
     OverwriteOpt,
     QuietOpt,
     ThreadsOpt,
+    exit_codes,
     set_threads,
     use_device,
 )
-from fapm_cli.cli.prune import MethodChoice
 from fapm_cli.errors import UsageError
 
 EPILOG = """\
@@ -35,10 +36,7 @@ Examples:
 Weights pair with the inputs in order: every --task-vector first, then every
 --finetuned. One --weight applies to all inputs; none means 1 for each.
 
-\b
-Exit codes: 0 ok, 2 usage, 3 bad input, 4 base/input mismatch,
-5 output problem, 6 resources (disk full), 130 interrupted. See docs/errors.md.
-"""
+""" + exit_codes("base/input mismatch")
 
 
 @boundary
@@ -169,10 +167,11 @@ def merge(
         overwrite=overwrite,
         progress=report.BarProgress(enabled=not quiet and not json_out),
     )
-    if not quiet:
-        for w in result.warnings:
-            report.warn(w)
-    if json_out:
-        report.emit_json(report.merge_json(result))
-    elif not quiet:
-        report.print_merge(result)
+    report.show(
+        result.warnings,
+        result,
+        json_out=json_out,
+        quiet=quiet,
+        as_json=report.merge_json,
+        as_table=report.print_merge,
+    )

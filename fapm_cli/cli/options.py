@@ -135,3 +135,26 @@ def use_device(choice: DeviceChoice) -> str:
         name = "cuda"
     scoring.set_device(name)
     return name
+
+
+def exit_codes(mismatch: str = "base/finetuned mismatch") -> str:
+    """The epilog paragraph listing exit codes (fapm_cli.errors.ExitCode; docs/errors.md)."""
+    return (
+        "\b\n"
+        f"Exit codes: 0 ok, 2 usage, 3 bad input, 4 {mismatch},\n"
+        "5 output problem, 6 resources (disk full), 130 interrupted. See docs/errors.md.\n"
+    )
+
+
+# Mirror of scoring.Method: the engine imports torch, and `fapm --help` must not.
+class MethodChoice(StrEnum):
+    fapm = "fapm"
+    magnitude = "magnitude"
+    ratio = "ratio"
+    random = "random"
+
+
+LamOpt = Annotated[
+    float,
+    typer.Option("--lam", min=0.0, help="Weight of the relative-change penalty in the fapm score."),
+]

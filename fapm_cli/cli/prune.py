@@ -14,11 +14,14 @@ from fapm_cli.cli.options import (
     DeviceOpt,
     DiskBudgetOpt,
     JsonOpt,
+    LamOpt,
     MaxShardOpt,
+    MethodChoice,
     OutputOpt,
     OverwriteOpt,
     QuietOpt,
     ThreadsOpt,
+    exit_codes,
     set_threads,
     use_device,
 )
@@ -26,13 +29,6 @@ from fapm_cli.errors import UsageError
 
 
 # Mirrors of the engine's enums: the engine imports torch, and `fapm --help` must not.
-class MethodChoice(StrEnum):
-    fapm = "fapm"
-    magnitude = "magnitude"
-    ratio = "ratio"
-    random = "random"
-
-
 class FinetunedOnlyChoice(StrEnum):
     error = "error"
     copy = "copy"
@@ -70,10 +66,7 @@ Examples:
   fapm prune -b base/ -t tv/ -s 0.9 -o out/          # task vector from fapm diff
   fapm prune -b base/ -f sft/ --save task-vector --format compact -o tv-0.9/
 
-\b
-Exit codes: 0 ok, 2 usage, 3 bad input, 4 base/finetuned mismatch,
-5 output problem, 6 resources (disk full), 130 interrupted. See docs/errors.md.
-"""
+""" + exit_codes()
 
 
 @boundary
@@ -137,12 +130,7 @@ def prune(
             "ratio (-|tau|/|base|), or random (DARE: keep with probability 1-S, rescale).",
         ),
     ] = MethodChoice.fapm,
-    lam: Annotated[
-        float,
-        typer.Option(
-            "--lam", min=0.0, help="Weight of the relative-change penalty in the fapm score."
-        ),
-    ] = 1.0,
+    lam: LamOpt = 1.0,
     seed: Annotated[
         int, typer.Option("--seed", min=0, help="Seed of --method random (reproducible).")
     ] = 0,
@@ -314,11 +302,11 @@ def prune(
             progress=progress,
         )
         result = extra.prune
-    for w in result.warnings:
-        if not quiet:
-            report.warn(w)
-    if json_out:
-        report.emit_json(report.prune_tv_json(extra))
-    elif not quiet:
-        report.print_prune(result)
-        report.print_prune_tv(extra)
+    report.show(
+        result.warnings,
+        extra,
+        json_out=json_out,
+        quiet=quiet,
+        as_json=report.prune_tv_json,
+        as_table=report.print_prune_tv,
+    )

@@ -14,9 +14,11 @@ from fapm_cli.cli.options import (
     DeviceOpt,
     FinetunedOpt,
     JsonOpt,
+    LamOpt,
     OverwriteOpt,
     QuietOpt,
     ThreadsOpt,
+    exit_codes,
     set_threads,
     use_device,
 )
@@ -60,10 +62,7 @@ Examples:
   fapm score -b base/ -f sft/ --format csv > scores.csv
   fapm score -b base/ -f sft/ --plot forgetting.html --save-scores ./scores
 
-\b
-Exit codes: 0 ok, 2 usage, 3 bad input, 4 base/finetuned mismatch,
-5 output problem, 6 resources, 130 interrupted. See docs/errors.md.
-"""
+""" + exit_codes()
 
 
 @boundary
@@ -79,12 +78,7 @@ def score(
             help="Sparsity at which the fapm and magnitude masks are compared, in [0, 1].",
         ),
     ] = "0.9",
-    lam: Annotated[
-        float,
-        typer.Option(
-            "--lam", min=0.0, help="Weight of the relative-change penalty in the fapm score."
-        ),
-    ] = 1.0,
+    lam: LamOpt = 1.0,
     sort: Annotated[
         SortChoice | None,
         typer.Option(
