@@ -15,7 +15,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
 from pathlib import Path
@@ -100,11 +100,6 @@ class TensorResult:
     kept: int  # entries of the task vector kept (numel for finetuned/copy, 0 for base)
     sq_norm_kept: float  # sum of tau^2 over kept entries
     sq_norm: float  # sum of tau^2 over all entries
-
-
-@dataclass
-class RunStats:
-    tensors: list[TensorResult] = field(default_factory=list)
 
 
 def _match(name: str, patterns: Sequence[str]) -> bool:
@@ -567,10 +562,6 @@ def summarize(results: Sequence[TensorResult]) -> dict[str, float | int]:
         "kept_fraction": kept / numel if numel else 0.0,
         "sq_norm_kept_fraction": sq_kept / sq if sq > 0 else 1.0,
     }
-
-
-def sq_fraction(r: TensorResult) -> float:
-    return r.sq_norm_kept / r.sq_norm if r.sq_norm > 0 else (1.0 if r.kept else 0.0)
 
 
 # -- from sources to a finished output ---------------------------------------------------------
