@@ -11,6 +11,7 @@ The engine never prints: it returns plain records, and reports progress through 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import shutil
 import time
@@ -30,6 +31,7 @@ from fapm_cli.pairing import pair_error
 from fapm_cli.parts import Part
 from fapm_cli.reader import Checkpoint, TensorReader, TensorRef
 from fapm_cli.scoring import CHUNK, Method
+from fapm_cli.writer import WRITER_QUEUE_BYTES
 
 
 class OnFinetunedOnly(StrEnum):
@@ -269,16 +271,25 @@ def prune_tensor(
     write: Callable[[torch.Tensor], None],
     *,
     on_mask: Callable[[int, int, torch.Tensor], None] | None = None,
+    inplace: bool = False,
 ) -> TensorResult:
     """Write ``base + mask * tau`` for one tensor, chunk by chunk; kept entries are finetuned's
     bytes and dropped entries base's bytes whenever the dtypes allow it.
 
     ``on_mask(start, stop, mask)`` sees each chunk's keep mask just before its output chunk is
-    written (task-vector outputs need both)."""
+    written (task-vector outputs need both). ``inplace``: ``finetuned`` is the caller's own
+    buffer, which the output may overwrite (and ``write`` then receives views of it)."""
     out_dtype = getattr(torch, item.out.dtype.torch_name)
     b = base.reshape(-1)
     f = finetuned.reshape(-1)
     cdt = scoring.compute_dtype(b.dtype, f.dtype)
+    if (
+        on_mask is None
+        and opts.method is not Method.RANDOM
+        and b.dtype == f.dtype == out_dtype
+        and scoring.native_kernels(b, f, cdt) is not None
+    ):
+        return _prune_native(item, b, f, opts, write, inplace)
     scale = 1.0
     if opts.method is Method.RANDOM and 0 < opts.sparsity < 1:
         scale = float(1 / (1 - opts.sparsity))  # DARE rescales what it keeps
@@ -325,6 +336,79 @@ def prune_tensor(
     )
 
 
+# Elements per output chunk of the C kernel path: one chunk per task on the scoring threads.
+NATIVE_OUT_CHUNK = 1 << 20
+
+
+def _prune_native(
+    item: Item,
+    b: torch.Tensor,
+    f: torch.Tensor,
+    opts: PruneOptions,
+    write: Callable[[torch.Tensor], None],
+    inplace: bool,
+) -> TensorResult:
+    """``prune_tensor`` with the C kernels: the same bytes, one pass per element for the output.
+
+    Chunks are independent once each knows how many of the keys equal to the threshold it
+    may keep (counted first, only when the tie quota runs out inside the tensor), so they run
+    on the scoring threads and are written in order. In place, the output overwrites
+    ``finetuned`` chunk by chunk: no allocation, no page faults."""
+    kern = scoring.native_kernels(b, f, scoring.compute_dtype(b.dtype, f.dtype))
+    assert kern is not None
+    n = b.numel()
+    k = scoring.keep_count(n, opts.sparsity)
+
+    def nonfinite(start: int, stop: int) -> None:
+        _check_finite(b[start:stop], item.name, "base")
+        _check_finite(f[start:stop], item.name, "finetuned")
+
+    ranked = scoring.rank_tensor(opts.method, b, f, k, opts.lam, nonfinite)
+    try:
+        t = ranked.threshold
+        key, ties = t.key, t.ties
+        if t.keep_all:  # every key is >= the smallest int32: keep all "ties" with it
+            key, ties = -(1 << 31), n
+        elif t.keep_none:  # no key is > the largest int32, and no tie is kept
+            key, ties = (1 << 31) - 1, 0
+        starts = range(0, n, NATIVE_OUT_CHUNK)
+        quota = [0] * len(starts)
+        if ties:
+            eq = scoring.map_chunks(
+                lambda c: kern.count_eq(ranked.keys[c : c + NATIVE_OUT_CHUNK], key), starts
+            )
+            before = 0
+            for i, count in enumerate(eq):
+                quota[i] = max(0, min(count, ties - before))
+                before += count
+
+        def chunk(i: int) -> tuple[torch.Tensor, float, int]:
+            c = starts[i]
+            sl = slice(c, c + NATIVE_OUT_CHUNK)
+            out = f[sl] if inplace else torch.empty_like(f[sl])
+            sq, kept, _ = kern.select_write(ranked.keys[sl], key, quota[i], b[sl], f[sl], out)
+            return out, sq, kept
+
+        sq_kept = 0.0
+        kept = 0
+        if inplace:  # chunks run ahead on the scoring threads; written in order
+            results = scoring.imap_chunks(chunk, range(len(starts)))
+        else:  # fresh chunks: one at a time, so memory stays one chunk
+            results = (chunk(i) for i in range(len(starts)))
+        for out, sq, count in results:
+            sq_kept += sq
+            kept += count
+            write(out)
+    finally:
+        scoring.release(ranked)
+    if kept != k:
+        raise AssertionError(f"{item.name}: kept {kept} entries, expected {k}")
+    return TensorResult(
+        item.name, item.out.shape, item.out.dtype.name, item.action, n, k, sq_kept,
+        ranked.sq_total,
+    )  # fmt: skip
+
+
 def _whole(
     item: Item,
     tensor: torch.Tensor,
@@ -359,11 +443,14 @@ def process_item(
     write: Callable[[torch.Tensor], None],
     *,
     on_mask: Callable[[int, int, torch.Tensor], None] | None = None,
+    inplace: bool = False,
 ) -> TensorResult:
-    """One item's output tensor, chunk by chunk, exactly as ``run_prune`` writes it."""
+    """One item's output tensor, chunk by chunk, exactly as ``run_prune`` writes it.
+
+    ``inplace``: ``finetuned`` is a buffer of the caller's that the output may overwrite."""
     if item.action is Action.PRUNE:
         assert base is not None and finetuned is not None
-        return prune_tensor(item, base, finetuned, opts, write, on_mask=on_mask)
+        return prune_tensor(item, base, finetuned, opts, write, on_mask=on_mask, inplace=inplace)
     if item.action is Action.BASE:
         assert base is not None
         return _whole(item, base, finetuned, write)
@@ -373,10 +460,15 @@ def process_item(
 
 @dataclass
 class Sink:
-    """Where output tensors go: ``begin(name)`` then ``write(chunk)`` calls, in plan order."""
+    """Where output tensors go: ``begin(name)`` then ``write(chunk)`` calls, in plan order.
+
+    ``after(fn)``, when given, runs ``fn`` once the chunks written so far are consumed (a
+    background writer may still hold them after ``write`` returns); without it, ``write``
+    must be done with a chunk when it returns."""
 
     begin: Callable[[str], None]
     write: Callable[[torch.Tensor], None]
+    after: Callable[[Callable[[], None]], None] | None = None
 
 
 def run_prune(
@@ -397,11 +489,22 @@ def run_prune(
     ``prefetch``: read the next item in a thread while this one is computed, when both
     checkpoints are local files and the memory the largest tensor needs anyway allows it.
     """
-    from fapm_cli.reader import Prefetcher
+    from fapm_cli.reader import BufferPool, Prefetcher
     from fapm_cli.sources import LocalDir, LocalFile
 
-    base_reader = TensorReader(base)
-    ft_reader = TensorReader(finetuned)
+    local = all(isinstance(c.source, LocalDir | LocalFile) for c in (base, finetuned))
+    prefetch = prefetch and local and read_finetuned is None and len(items) > 1
+    held = [_held_bytes(i) for i in items]
+    pool = None
+    if sink.after is not None and read_finetuned is None and items:
+        # Inputs are read into reused buffers; a tensor's go back once the writer is done
+        # with them (the output may be written from finetuned's buffer, see prune_tensor).
+        # The arena also holds what is read while the writer finishes an earlier item (at
+        # most its queue of output bytes, twice over in inputs): else those reads get fresh
+        # buffers right when the largest tensor is in hand.
+        pool = BufferPool(_inputs_at_peak(items, held, prefetch) + 2 * WRITER_QUEUE_BYTES)
+    base_reader = TensorReader(base, pool)
+    ft_reader = TensorReader(finetuned, pool)
     last_use = _last_uses(items)
     results: list[TensorResult] = []
 
@@ -412,10 +515,8 @@ def run_prune(
             f = read_finetuned(item, b) if read_finetuned else ft_reader.read(item.name)
         return b, f
 
-    local = all(isinstance(c.source, LocalDir | LocalFile) for c in (base, finetuned))
     ahead: Prefetcher | None = None
-    if prefetch and local and read_finetuned is None and len(items) > 1:
-        held = [_held_bytes(i) for i in items]
+    if prefetch:
         jobs = [lambda item=item: read(item) for item in items]
         ahead = Prefetcher(jobs, held, [i.read_bytes for i in items], max(held))
     try:
@@ -425,7 +526,11 @@ def run_prune(
             else:
                 b, f = read(item)
             sink.begin(item.name)
-            results.append(process_item(item, b, f, opts, sink.write))
+            # Tensors read here are this loop's own: the output may overwrite finetuned's.
+            own = read_finetuned is None
+            results.append(process_item(item, b, f, opts, sink.write, inplace=own))
+            if pool is not None and sink.after is not None:
+                sink.after(functools.partial(pool.give_all, (b, f)))
             del b, f
             for reader, side in ((base_reader, "base"), (ft_reader, "finetuned")):
                 for shard in last_use.get((side, pos), ()):
@@ -437,6 +542,19 @@ def run_prune(
         base_reader.close()
         ft_reader.close()
     return results
+
+
+def _inputs_at_peak(items: Sequence[Item], held: Sequence[int], prefetch: bool) -> int:
+    """The most input bytes in hand at once: one item's, plus the next one's where the
+    prefetch rule (see ``reader.Prefetcher``) reads it ahead."""
+    limit = max(held)
+    most = 0
+    for j, item in enumerate(items):
+        both = item.read_bytes
+        if prefetch and j + 1 < len(items) and held[j] + items[j + 1].read_bytes <= limit:
+            both += items[j + 1].read_bytes
+        most = max(most, both)
+    return most
 
 
 def _held_bytes(item: Item) -> int:
@@ -713,7 +831,7 @@ def prune(
         max_shard_size=max_shard_size,
         metadata=metadata,
         overwrite=overwrite,
-        background=prefetch,  # every chunk prune_tensor writes is a fresh tensor
+        background=prefetch,  # chunks stay untouched until after_written (see run_prune)
         shards=mine,
     )
     try:
@@ -727,10 +845,10 @@ def prune(
             results = joined.results
         else:
             progress.start(sum(i.read_bytes for i in items), "prune")
+            sink = Sink(writer.begin, writer.write, writer.after_written)
             results = run_prune(
-                base, finetuned, items, opts, Sink(writer.begin, writer.write),
-                progress.advance, prefetch=prefetch,
-            )  # fmt: skip
+                base, finetuned, items, opts, sink, progress.advance, prefetch=prefetch
+            )
             if part is not None:
                 writer.finish_part(parts.MARKER, parts.marker(part, digest, results))
             else:

@@ -8,6 +8,8 @@ is the tensors in hand, not the page cache of whole shards.
 
 from __future__ import annotations
 
+import collections
+import ctypes
 import json
 import os
 import threading
@@ -168,11 +170,83 @@ def _open_indexed(source: Source, index_name: str, extra: list[str]) -> Checkpoi
     )
 
 
-class TensorReader:
-    """Reads whole tensors from a checkpoint, one at a time, keeping shard files open."""
+class BufferPool:
+    """Memory for tensor reads, reused from one tensor to the next: a ring over one arena.
 
-    def __init__(self, checkpoint: Checkpoint) -> None:
+    A fresh buffer costs a page fault and the zeroing of every 4 kB page on first touch: for
+    a 2.5 GB checkpoint, 1-2 s of kernel time per side (measured: reading it into fresh
+    buffers 1.5-2.5 s, into reused ones 0.6 s). Reads are handed back in the order they were
+    taken (an item's inputs, after the writer is done with them), so a ring allocator over
+    one arena of ``limit`` bytes serves them without fragmentation; ``limit`` is what the
+    tensors in hand need at the peak anyway. A request the ring cannot place (larger than
+    the arena, or no contiguous room yet) gets a fresh buffer, as without a pool: it never
+    waits, and memory never exceeds the arena plus what a plain read would take.
+    """
+
+    _ALIGN = 64
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._arena: torch.Tensor | None = None
+        self._live: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+        self._head = 0  # next free offset
+        self.fresh = 0  # requests served outside the arena (for tests and the benchmark)
+
+    def _place(self, n: int) -> int | None:
+        if not self._live:
+            self._head = 0
+        tail = next(iter(self._live.values()))[0] if self._live else 0
+        if self._head >= tail:  # live data in [tail, head): room at the end, then the start
+            if self._head + n <= self.limit:
+                return self._head
+            if n <= tail:
+                return 0
+            return None
+        return self._head if self._head + n <= tail else None  # wrapped: room before tail
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of ``nbytes`` (contents undefined)."""
+        import torch
+
+        with self._lock:
+            at = self._place(nbytes) if nbytes else None
+            if at is None:
+                self.fresh += 1
+                return torch.empty(nbytes, dtype=torch.uint8)
+            if self._arena is None:
+                self._arena = torch.empty(self.limit, dtype=torch.uint8)
+            buf = self._arena[at : at + nbytes]
+            self._live[buf.data_ptr()] = [at, 0]
+            self._head = at + -(-nbytes // self._ALIGN) * self._ALIGN  # offsets stay aligned
+            return buf
+
+    def give(self, tensor: torch.Tensor | None) -> None:
+        """Hand back the memory ``tensor`` was read into (no-op for fresh buffers)."""
+        if tensor is None:
+            return
+        with self._lock:
+            entry = self._live.get(tensor.data_ptr())
+            if entry is None:
+                return
+            entry[1] = 1  # done; the ring's tail moves past every done entry at its front
+            while self._live and next(iter(self._live.values()))[1]:
+                self._live.popitem(last=False)
+
+    def give_all(self, tensors: Sequence[torch.Tensor | None]) -> None:
+        for t in tensors:
+            self.give(t)
+
+
+class TensorReader:
+    """Reads whole tensors from a checkpoint, one at a time, keeping shard files open.
+
+    With a ``pool``, tensors are read into its buffers; hand each back with ``pool.give``
+    once nothing uses it any more."""
+
+    def __init__(self, checkpoint: Checkpoint, pool: BufferPool | None = None) -> None:
         self.checkpoint = checkpoint
+        self.pool = pool
         self._fds: dict[str, int] = {}
 
     def _fd(self, shard: str) -> int:
@@ -197,9 +271,15 @@ class TensorReader:
         dtype = getattr(torch, info.dtype.torch_name)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
-        buf = bytearray(info.nbytes)
-        view = memoryview(buf)
         fd = self._fd(ref.shard)
+        if self.pool is not None:
+            tensor = self.pool.take(info.nbytes)
+            buf: bytearray | ctypes.Array[ctypes.c_char] = (
+                ctypes.c_char * info.nbytes
+            ).from_address(tensor.data_ptr())
+        else:
+            buf = bytearray(info.nbytes)
+        view = memoryview(buf).cast("B")
         done = 0
         try:
             while done < info.nbytes:  # one read returns at most ~2 GiB on Linux
@@ -208,16 +288,22 @@ class TensorReader:
                     break
                 done += got
         except OSError as err:
+            if self.pool is not None:
+                self.pool.give(tensor)
             raise InputError(
                 f"{self.checkpoint.display}/{ref.shard}: read of tensor {name!r} failed "
                 f"({err.strerror})",
                 hint="the file is damaged or was removed during the run",
             ) from err
         if done != info.nbytes:
+            if self.pool is not None:
+                self.pool.give(tensor)
             raise InputError(
                 f"{self.checkpoint.display}/{ref.shard}: file ended inside tensor {name!r}",
                 hint="the file was truncated during the run; download it again",
             )
+        if self.pool is not None:
+            return tensor.view(dtype).reshape(info.shape)
         return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
     def release_shard(self, shard: str) -> None:

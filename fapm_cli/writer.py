@@ -209,6 +209,14 @@ class CheckpointWriter:
             self._write_bytes(view[: part.numel()])
         self._left -= n
 
+    def after_written(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once every chunk passed to ``write`` so far is written (on the worker
+        thread in background mode): then the memory behind those chunks may be reused."""
+        if self._worker is not None:
+            self._worker.submit(fn, 0)
+        else:
+            fn()
+
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
         self.begin(name)
         self.write(tensor.contiguous())
@@ -505,7 +513,8 @@ class _Worker:
         self._thread.join()
 
 
-_IN_FLIGHT = 64 << 20
+WRITER_QUEUE_BYTES = 64 << 20  # output bytes queued for the worker at most
+_IN_FLIGHT = WRITER_QUEUE_BYTES
 # Output pages are handed to the disk every _WRITEBACK bytes instead of all at the final fsync:
 # the disk works while we compute, and at most ~2 windows of dirty output sit in memory (a
 # memory cgroup charges them, and dirty pages cannot be reclaimed until written).

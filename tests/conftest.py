@@ -33,3 +33,17 @@ def bf16_pair_dirs(tmp_path: Path) -> tuple[Path, Path]:
         write_checkpoint(tmp_path / "base16", base, shard_bytes=1500),
         write_checkpoint(tmp_path / "ft16", ft),
     )
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on the C kernels and on the torch path (FAPM_NATIVE=0): same results."""
+    from fapm_cli import native
+
+    if request.param == "torch":
+        monkeypatch.setenv(native.ENV, "0")
+    else:
+        monkeypatch.delenv(native.ENV, raising=False)
+        if native.kernels() is None:
+            pytest.skip("the C kernels are not built (no C compiler at install time)")
+    return str(request.param)

@@ -32,9 +32,17 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("method", ["fapm", "magnitude", "ratio"])
 @pytest.mark.parametrize("sparsity", ["0.9", "0.5", "0.75", "0.33"])
 def test_stream_equals_reference(
-    tmp_path: Path, dtype: torch.dtype, method: str, sparsity: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    dtype: torch.dtype,
+    method: str,
+    sparsity: str,
+    monkeypatch: pytest.MonkeyPatch,
+    kernels: str,
 ) -> None:
-    monkeypatch.setattr(scoring, "CHUNK", 64)  # many chunk boundaries inside small tensors
+    # Many chunk boundaries inside small tensors, on both paths.
+    monkeypatch.setattr(scoring, "CHUNK", 64)
+    monkeypatch.setattr(scoring, "FUSED_CHUNK", 96)
+    monkeypatch.setattr(engine, "NATIVE_OUT_CHUNK", 80)
     base, ft = make_pair(seed=3, dtype=dtype)
     b = write_checkpoint(tmp_path / "b", base, shard_bytes=1200)
     f = write_checkpoint(tmp_path / "f", ft, shard_bytes=5000)

@@ -41,7 +41,7 @@ def _mask_from_engine(b: torch.Tensor, f: torch.Tensor, opts: engine.PruneOption
 @pytest.mark.parametrize("method", ["fapm", "magnitude", "ratio"])
 @pytest.mark.parametrize("sparsity", ["0.9", "0.5", "0.999"])
 def test_fused_masks_equal_reference_on_tied_bf16(
-    method: str, sparsity: str, workers: int, monkeypatch: pytest.MonkeyPatch
+    method: str, sparsity: str, workers: int, monkeypatch: pytest.MonkeyPatch, kernels: str
 ) -> None:
     # The scoring pass split across worker threads must not change a key.
     monkeypatch.setattr(scoring, "score_workers", lambda: workers)

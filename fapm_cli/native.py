@@ -1,0 +1,125 @@
+"""The optional C kernels (``_kernels.c``), loaded with ctypes.
+
+``kernels()`` returns them, or ``None`` where they were not built (no C compiler at install
+time), are from another build (a stale ABI), or are switched off with ``FAPM_NATIVE=0``; then
+fapm uses its torch path, which gives the same keys, thresholds and bytes (tested). ctypes
+releases the GIL for each call, so the scoring threads run the kernels in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+ABI_VERSION = 1
+ENV = "FAPM_NATIVE"  # "0": use the torch path (for comparisons and troubleshooting)
+
+# The dtype codes of _kernels.c. Scores are float32 for these; float64 inputs use torch.
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+METHODS = {"fapm": 0, "magnitude": 1, "ratio": 2}
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+@dataclass(frozen=True)
+class Kernels:
+    lib: ctypes.CDLL
+
+    def sum_abs(self, t: torch.Tensor) -> float:
+        """sum(|t|) in float64, in a fixed order (8 lanes)."""
+        return float(self.lib.fapm_sum_abs(DTYPES[t.dtype], t.data_ptr(), t.numel()))
+
+    def score_keys(
+        self,
+        method: str,
+        base: torch.Tensor,
+        finetuned: torch.Tensor,
+        coef: float,
+        keys: torch.Tensor,
+        hist: torch.Tensor | None,
+    ) -> float:
+        """Keys of one chunk into ``keys``; ``hist`` (4 x 65536 uint32 as int32) is added to."""
+        sq = self.lib.fapm_score_keys(
+            METHODS[method], DTYPES[base.dtype], DTYPES[finetuned.dtype],
+            base.data_ptr(), finetuned.data_ptr(), base.numel(), coef, keys.data_ptr(),
+            None if hist is None else hist.data_ptr(),
+        )  # fmt: skip
+        return float(sq)
+
+    def bucket_hist(self, keys: torch.Tensor, low: int, hist: torch.Tensor) -> None:
+        self.lib.fapm_bucket_hist(keys.data_ptr(), keys.numel(), low, hist.data_ptr())
+
+    def count_eq(self, keys: torch.Tensor, t: int) -> int:
+        return int(self.lib.fapm_count_eq(keys.data_ptr(), keys.numel(), t))
+
+    def select_write(
+        self,
+        keys: torch.Tensor,
+        t: int,
+        ties_left: int,
+        base: torch.Tensor,
+        finetuned: torch.Tensor,
+        out: torch.Tensor,
+    ) -> tuple[float, int, int]:
+        """Output chunk into ``out`` (may be ``finetuned``): (sum tau^2 kept, kept, ties used)."""
+        kept, ties = ctypes.c_int64(), ctypes.c_int64()
+        sq = self.lib.fapm_select_write(
+            keys.data_ptr(), keys.numel(), t, ties_left, DTYPES[base.dtype],
+            base.data_ptr(), finetuned.data_ptr(), out.data_ptr(),
+            ctypes.byref(kept), ctypes.byref(ties),
+        )  # fmt: skip
+        return float(sq), kept.value, ties.value
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    lib.fapm_kernels_abi.argtypes = []
+    lib.fapm_kernels_abi.restype = ctypes.c_int
+    lib.fapm_sum_abs.argtypes = [ctypes.c_int, _P, _I64]
+    lib.fapm_sum_abs.restype = ctypes.c_double
+    lib.fapm_score_keys.argtypes = [
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, _P, _P,
+    ]  # fmt: skip
+    lib.fapm_score_keys.restype = ctypes.c_double
+    lib.fapm_bucket_hist.argtypes = [_P, _I64, ctypes.c_int32, _P]
+    lib.fapm_bucket_hist.restype = None
+    lib.fapm_count_eq.argtypes = [_P, _I64, ctypes.c_int32]
+    lib.fapm_count_eq.restype = ctypes.c_int64
+    lib.fapm_select_write.argtypes = [
+        _P, _I64, ctypes.c_int32, _I64, ctypes.c_int, _P, _P, _P, _P, _P,
+    ]  # fmt: skip
+    lib.fapm_select_write.restype = ctypes.c_double
+
+
+@cache
+def _load() -> Kernels | None:
+    spec = importlib.util.find_spec("fapm_cli._kernels")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+        _bind(lib)
+        if lib.fapm_kernels_abi() != ABI_VERSION:
+            return None  # built from another version of _kernels.c: reinstall to rebuild
+    except (OSError, AttributeError):
+        return None
+    return Kernels(lib)
+
+
+def kernels() -> Kernels | None:
+    """The C kernels, or None (not built, stale, or ``FAPM_NATIVE=0``)."""
+    if os.environ.get(ENV, "1") == "0":
+        return None
+    return _load()
+
+
+def status() -> str:
+    """One line for ``fapm --version``-style diagnostics and the benchmark."""
+    if os.environ.get(ENV, "1") == "0":
+        return f"off ({ENV}=0)"
+    return "on" if _load() is not None else "not built (torch path)"

@@ -1,0 +1,212 @@
+"""The C kernels (fapm_cli/_kernels.c) against the torch path, and the reader's buffer ring.
+
+The torch path is itself checked against the naive reference elsewhere (test_engine,
+test_perf_paths run on both paths); here each kernel is compared with the torch operations it
+replaces, bit for bit, including the inputs where float arithmetic is delicate."""
+
+from __future__ import annotations
+
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+from fapm_cli import engine, native, scoring
+from fapm_cli.reader import BufferPool
+from fapm_cli.scoring import Method
+from tests.checkpoints import load_checkpoint, write_checkpoint
+from tests.reference import reference_mask
+
+KERNELS = native.kernels()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason="the C kernels are not built")
+
+
+def test_kernels_are_built_where_a_compiler_is() -> None:
+    """A silent fallback would lose the speed unnoticed: with a C compiler, they must load."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    assert native.kernels() is not None, native.status()
+
+
+def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(native.ENV, "0")
+    assert native.kernels() is None
+    assert "off" in native.status()
+
+
+def _torch_keys(method: Method, b: torch.Tensor, f: torch.Tensor, coef: float) -> torch.Tensor:
+    keys = torch.empty(b.numel(), dtype=torch.int32)
+    scratch = scoring.Scratch(b.numel(), torch.float32)
+    scoring.score_keys_into(method, b, f, torch.tensor(coef), keys, scratch)
+    return keys
+
+
+def _delicate(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeros, negative zeros, subnormals, huge values (tau overflows to inf), equal values."""
+    info = torch.finfo(dtype)
+    gen = torch.Generator().manual_seed(11)
+    b = torch.randn(5000, generator=gen) * 0.02
+    f = b + torch.randn(5000, generator=gen) * 1e-3
+    special = [0.0, -0.0, info.tiny, -info.tiny, info.tiny / 4, info.max, -info.max, 1.0, -1.0]
+    b[: len(special)] = torch.tensor(special)
+    f[: len(special)] = torch.tensor(special[::-1])
+    f[100:200] = b[100:200]  # tau == 0
+    b[200:300] = 0.0
+    return b.to(dtype), f.to(dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", list(Method)[:3])
+@pytest.mark.parametrize("coef", [0.0133125, 0.0, 3.5])
+def test_score_keys_equal_torch(dtype: torch.dtype, method: Method, coef: float) -> None:
+    assert KERNELS is not None
+    b, f = _delicate(dtype)
+    coef = float(torch.tensor(coef, dtype=torch.float32))
+    keys = torch.empty(b.numel(), dtype=torch.int32)
+    hist = torch.zeros(4 * 65536, dtype=torch.int32)
+    sq = KERNELS.score_keys(method.value, b, f, coef, keys, hist)
+    want = _torch_keys(method, b, f, coef)
+    assert torch.equal(keys, want)
+    counts = hist.view(4, 65536).sum(0)
+    assert torch.equal(counts, torch.bincount((want >> 16) + 32768, minlength=65536).int())
+    tau = f.float() - b.float()
+    assert sq == float(torch.sum(tau * tau, dtype=torch.float64)) or sq == pytest.approx(
+        float(torch.sum(tau * tau, dtype=torch.float64)), rel=1e-12
+    )
+
+
+@needs_kernels
+def test_mixed_dtypes_take_the_generic_loads() -> None:
+    assert KERNELS is not None
+    b, f = _delicate(torch.float32)
+    b16, f16 = b.to(torch.bfloat16), f.to(torch.float16)
+    keys = torch.empty(b.numel(), dtype=torch.int32)
+    KERNELS.score_keys("fapm", b16, f16, 0.25, keys, None)
+    assert torch.equal(keys, _torch_keys(Method.FAPM, b16, f16, 0.25))
+
+
+@needs_kernels
+def test_every_float16_value_converts_exactly() -> None:
+    """All 63,488 finite half values (subnormals included) as base against a fixed finetuned:
+    tau = 1 - base depends on the sign, |base| on the magnitude."""
+    assert KERNELS is not None
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    b = every[torch.isfinite(every)].contiguous()
+    f = torch.ones_like(b)
+    for method in (Method.FAPM, Method.MAGNITUDE, Method.RATIO):
+        keys = torch.empty(b.numel(), dtype=torch.int32)
+        KERNELS.score_keys(method.value, b, f, 0.5, keys, None)
+        assert torch.equal(keys, _torch_keys(method, b, f, 0.5)), method
+    assert KERNELS.sum_abs(b) == float(b.double().abs().sum())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_select_write_equals_mask_and_where(dtype: torch.dtype) -> None:
+    assert KERNELS is not None
+    b, f = _delicate(dtype)
+    keys = _torch_keys(Method.FAPM, b, f, 0.01)
+    hist0 = torch.bincount((keys >> 16) + 32768, minlength=65536)
+    for k in (1, 37, 2500, 4999):
+        t = scoring.select_from_top_histogram(keys, hist0, k)
+        mask, _ = scoring.keep_mask_chunk(keys, t, 0)
+        want = torch.where(mask, f, b)
+        out = torch.empty_like(f)
+        sq, kept, ties = KERNELS.select_write(keys, t.key, t.ties, b, f, out)
+        assert kept == k == int(mask.sum())
+        assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
+        tau = (f.float() - b.float())[mask]
+        assert sq == pytest.approx(float(torch.sum(tau * tau, dtype=torch.float64)), rel=1e-12)
+        assert ties <= t.ties
+        inplace = f.clone()
+        KERNELS.select_write(keys, t.key, t.ties, b, inplace, inplace)
+        assert torch.equal(inplace.view(torch.uint8), want.view(torch.uint8))
+
+
+@needs_kernels
+def test_bucket_hist_and_count_eq() -> None:
+    assert KERNELS is not None
+    keys = torch.tensor([-(1 << 31), -5, 0, 3, 3, 65535, 65536, (1 << 31) - 1], dtype=torch.int32)
+    hist = torch.zeros(65536, dtype=torch.int64)
+    KERNELS.bucket_hist(keys, 0, hist)
+    assert hist[0] == 1 and hist[3] == 2 and hist[65535] == 1 and int(hist.sum()) == 4
+    hist.zero_()
+    KERNELS.bucket_hist(keys, -(1 << 31), hist)
+    assert int(hist.sum()) == 1
+    assert KERNELS.count_eq(keys, 3) == 2
+    assert KERNELS.count_eq(keys, 7) == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("sparsity", ["0", "0.5", "0.9", "0.999", "1"])
+def test_engine_output_is_the_same_on_both_paths(
+    tmp_path: Path, sparsity: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole runs, many output chunks and ties across chunk borders: same files, byte for
+    byte, with and without the kernels (the ring buffer in use on both)."""
+    monkeypatch.setattr(engine, "NATIVE_OUT_CHUNK", 1000)
+    monkeypatch.setattr(scoring, "FUSED_CHUNK", 1500)
+    gen = torch.Generator().manual_seed(5)
+    base, ft = {}, {}
+    for i, n in enumerate([10_007, 4096, 3, 25_000]):
+        b = (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)
+        f = (b.float() + torch.randn(n, generator=gen) * 5e-4).to(torch.bfloat16)
+        if i == 3:  # a plateau of equal scores straddling many chunks
+            b[5000:20000] = 0.01
+            f[5000:20000] = 0.0105
+        base[f"t{i}"], ft[f"t{i}"] = b, f
+    bd = write_checkpoint(tmp_path / "b", base, shard_bytes=30_000)
+    fd = write_checkpoint(tmp_path / "f", ft, shard_bytes=20_000)
+    opts = engine.PruneOptions(sparsity=Fraction(sparsity))
+    engine.prune(str(bd), str(fd), str(tmp_path / "native"), opts)
+    monkeypatch.setenv(native.ENV, "0")
+    engine.prune(str(bd), str(fd), str(tmp_path / "torch"), opts)
+    for shard in sorted((tmp_path / "torch").iterdir()):
+        assert (tmp_path / "native" / shard.name).read_bytes() == shard.read_bytes(), shard
+    got = load_checkpoint(tmp_path / "native")  # and both are the reference's output
+    for name in base:
+        b, f = base[name], ft[name]
+        want = torch.where(reference_mask(b, f, Fraction(sparsity), "fapm"), f, b)
+        assert torch.equal(got[name].view(torch.int16), want.view(torch.int16)), name
+
+
+# -- the reader's buffer ring ---------------------------------------------------------------
+
+
+def test_ring_reuses_memory_in_fifo_order() -> None:
+    pool = BufferPool(1000)
+    a = pool.take(400)
+    b = pool.take(400)
+    assert b.data_ptr() - a.data_ptr() == 448  # 64-byte aligned
+    c = pool.take(400)  # no room before b is handed back, none at the end: fresh
+    assert pool.fresh == 1
+    pool.give(a)
+    d = pool.take(300)  # wraps to the start, where a was
+    assert d.data_ptr() == a.data_ptr() and pool.fresh == 1
+    pool.give(c)  # fresh: ignored
+    pool.give(b)
+    pool.give(d)
+    e = pool.take(1000)  # everything handed back: the whole arena again
+    assert e.data_ptr() == a.data_ptr() and pool.fresh == 1
+    assert pool.take(1).numel() == 1 and pool.fresh == 2  # arena full
+
+
+def test_ring_tail_waits_for_the_oldest() -> None:
+    """Handing back a later buffer first frees nothing until the older ones are back."""
+    pool = BufferPool(1024)
+    a, b = pool.take(512), pool.take(448)
+    pool.give(b)
+    assert pool.take(512).numel() == 512 and pool.fresh == 1
+    pool.give(a)
+    assert pool.take(960).data_ptr() == a.data_ptr() and pool.fresh == 1
+
+
+def test_ring_larger_than_arena_is_fresh() -> None:
+    pool = BufferPool(100)
+    big = pool.take(101)
+    assert big.numel() == 101 and pool.fresh == 1
+    pool.give(big)  # not from the arena: nothing to do
+    assert pool.take(100).numel() == 100 and pool.fresh == 1
