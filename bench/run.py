@@ -295,9 +295,13 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    kernels = subprocess.run(
+        [sys.executable, "-c", "from fapm_cli import native; print(native.status())"],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    ).stdout.strip() or "unknown"  # fmt: skip
     return (
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), "
-        f"{mem:.0f} GiB RAM, Python {platform.python_version()}"
+        f"{mem:.0f} GiB RAM, Python {platform.python_version()}, C kernels {kernels}"
     )
 
 
