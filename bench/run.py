@@ -121,6 +121,10 @@ def mergekit_config(base: Path, finetuned: Path, path: Path) -> None:
     )
 
 
+# The torch path, which fapm takes without the C kernels: the same bytes, for comparison.
+TORCH_PATH = "fapm prune (fapm, FAPM_NATIVE=0)"
+
+
 def runs_for(
     pair: Path, work: Path, commands: set[str], threads: int | None
 ) -> list[tuple[str, list[str] | None]]:
@@ -132,6 +136,7 @@ def runs_for(
         ("io-floor", None),
         ("fapm prune (fapm)", [*prune, "-o", out]),
         ("fapm prune (magnitude)", [*prune, "-m", "magnitude", "-o", out]),
+        (TORCH_PATH, [*prune, "-o", out]),
     ]
     tv = str(work / "tv")
     if "diff" in commands:
@@ -201,7 +206,8 @@ def bench_size(
                     "load1": round(load, 2),
                 }
             else:
-                row = measure(cmd)
+                torch_path = {**os.environ, "FAPM_NATIVE": "0"} if name == TORCH_PATH else None
+                row = measure(cmd, torch_path)
             rows.setdefault(name, []).append(row)
             status = (
                 "ok"

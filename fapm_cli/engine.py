@@ -31,7 +31,6 @@ from fapm_cli.pairing import pair_error
 from fapm_cli.parts import Part
 from fapm_cli.reader import Checkpoint, TensorReader, TensorRef
 from fapm_cli.scoring import CHUNK, Method
-from fapm_cli.writer import WRITER_QUEUE_BYTES
 
 
 class OnFinetunedOnly(StrEnum):
@@ -287,6 +286,7 @@ def prune_tensor(
         on_mask is None
         and opts.method is not Method.RANDOM
         and b.dtype == f.dtype == out_dtype
+        and scoring.current_device().type == "cpu"  # --device cuda: keys live on the GPU
         and scoring.native_kernels(b, f, cdt) is not None
     ):
         return _prune_native(item, b, f, opts, write, inplace)
@@ -499,21 +499,32 @@ def run_prune(
     if sink.after is not None and read_finetuned is None and items:
         # Inputs are read into reused buffers; a tensor's go back once the writer is done
         # with them (the output may be written from finetuned's buffer, see prune_tensor).
-        # The arena also holds what is read while the writer finishes an earlier item (at
-        # most its queue of output bytes, twice over in inputs): else those reads get fresh
-        # buffers right when the largest tensor is in hand.
-        pool = BufferPool(_inputs_at_peak(items, held, prefetch) + 2 * WRITER_QUEUE_BYTES)
-    base_reader = TensorReader(base, pool)
-    ft_reader = TensorReader(finetuned, pool)
+        pool = BufferPool(_inputs_at_peak(items, held, prefetch))
+    base_reader = TensorReader(base)
+    ft_reader = TensorReader(finetuned)
     last_use = _last_uses(items)
     results: list[TensorResult] = []
 
-    def read(item: Item) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        b = base_reader.read(item.name) if item.base is not None else None
-        f = None
-        if item.finetuned is not None:
-            f = read_finetuned(item, b) if read_finetuned else ft_reader.read(item.name)
-        return b, f
+    def read(item: Item) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The item's base and finetuned tensors, and the pool region holding both."""
+        nb = _aligned(item.base.info.nbytes) if item.base is not None else 0
+        nf = item.finetuned.info.nbytes if item.finetuned is not None else 0
+        region = pool.take(nb + nf) if pool is not None and nb + nf else None
+        try:
+            b = f = None
+            if item.base is not None:
+                into = region[: item.base.info.nbytes] if region is not None else None
+                b = base_reader.read(item.name, into)
+            if item.finetuned is not None:
+                if read_finetuned is not None:
+                    f = read_finetuned(item, b)
+                else:
+                    f = ft_reader.read(item.name, region[nb:] if region is not None else None)
+        except BaseException:
+            if pool is not None:
+                pool.give(region)
+            raise
+        return b, f, region
 
     ahead: Prefetcher | None = None
     if prefetch:
@@ -522,26 +533,32 @@ def run_prune(
     try:
         for pos, item in enumerate(items):
             if ahead is not None:
-                b, f = ahead.get(pos)  # type: ignore[misc]
+                b, f, region = ahead.get(pos)  # type: ignore[misc]
             else:
-                b, f = read(item)
+                b, f, region = read(item)
             sink.begin(item.name)
             # Tensors read here are this loop's own: the output may overwrite finetuned's.
             own = read_finetuned is None
             results.append(process_item(item, b, f, opts, sink.write, inplace=own))
             if pool is not None and sink.after is not None:
-                sink.after(functools.partial(pool.give_all, (b, f)))
-            del b, f
+                sink.after(functools.partial(pool.give, region))
+            del b, f, region
             for reader, side in ((base_reader, "base"), (ft_reader, "finetuned")):
                 for shard in last_use.get((side, pos), ()):
                     reader.release_shard(shard)
             progress(item.read_bytes)
     finally:
+        if pool is not None:
+            pool.close()  # a read waiting for room must not outlive the run
         if ahead is not None:
             ahead.close()
         base_reader.close()
         ft_reader.close()
     return results
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // 64) * 64
 
 
 def _inputs_at_peak(items: Sequence[Item], held: Sequence[int], prefetch: bool) -> int:
@@ -550,9 +567,9 @@ def _inputs_at_peak(items: Sequence[Item], held: Sequence[int], prefetch: bool) 
     limit = max(held)
     most = 0
     for j, item in enumerate(items):
-        both = item.read_bytes
+        both = item.read_bytes + 64  # + the alignment of finetuned's part of the region
         if prefetch and j + 1 < len(items) and held[j] + items[j + 1].read_bytes <= limit:
-            both += items[j + 1].read_bytes
+            both += items[j + 1].read_bytes + 128
         most = max(most, both)
     return most
 

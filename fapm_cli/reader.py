@@ -13,6 +13,7 @@ import ctypes
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -175,23 +176,31 @@ class BufferPool:
 
     A fresh buffer costs a page fault and the zeroing of every 4 kB page on first touch: for
     a 2.5 GB checkpoint, 1-2 s of kernel time per side (measured: reading it into fresh
-    buffers 1.5-2.5 s, into reused ones 0.6 s). Reads are handed back in the order they were
-    taken (an item's inputs, after the writer is done with them), so a ring allocator over
-    one arena of ``limit`` bytes serves them without fragmentation; ``limit`` is what the
-    tensors in hand need at the peak anyway. A request the ring cannot place (larger than
-    the arena, or no contiguous room yet) gets a fresh buffer, as without a pool: it never
-    waits, and memory never exceeds the arena plus what a plain read would take.
+    buffers 1.5-2.5 s, into reused ones 0.6 s). One request per item holds all its inputs,
+    and requests are handed back in the order they were taken (once the writer is done with
+    them), so a ring allocator over one arena of ``limit`` bytes serves them without
+    fragmentation; ``limit`` is what the tensors in hand need at the peak anyway, so the
+    arena adds no memory.
+
+    A request that does not fit yet waits for earlier ones to come back: they all do as the
+    writer catches up (never the waiting thread's own work), and with none left the whole
+    arena is free, so every request up to ``limit`` is served. A larger request, one still
+    waiting after ``wait`` seconds (a safety valve, not expected), and every request after
+    ``close`` get a fresh buffer, as without a pool.
     """
 
     _ALIGN = 64
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, wait: float = 30.0) -> None:
         self.limit = limit
-        self._lock = threading.Lock()
+        self.wait = wait
+        self._cond = threading.Condition()
         self._arena: torch.Tensor | None = None
         self._live: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
         self._head = 0  # next free offset
+        self._closed = False
         self.fresh = 0  # requests served outside the arena (for tests and the benchmark)
+        self.waited = 0  # requests that had to wait for room
 
     def _place(self, n: int) -> int | None:
         if not self._live:
@@ -209,8 +218,19 @@ class BufferPool:
         """A uint8 tensor of ``nbytes`` (contents undefined)."""
         import torch
 
-        with self._lock:
-            at = self._place(nbytes) if nbytes else None
+        with self._cond:
+            at = None
+            if 0 < nbytes <= self.limit and not self._closed:
+                deadline = time.monotonic() + self.wait
+                at = self._place(nbytes)
+                if at is None:
+                    self.waited += 1
+                while at is None and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                    at = self._place(nbytes)
             if at is None:
                 self.fresh += 1
                 return torch.empty(nbytes, dtype=torch.uint8)
@@ -225,28 +245,27 @@ class BufferPool:
         """Hand back the memory ``tensor`` was read into (no-op for fresh buffers)."""
         if tensor is None:
             return
-        with self._lock:
+        with self._cond:
             entry = self._live.get(tensor.data_ptr())
             if entry is None:
                 return
             entry[1] = 1  # done; the ring's tail moves past every done entry at its front
             while self._live and next(iter(self._live.values()))[1]:
                 self._live.popitem(last=False)
+            self._cond.notify_all()
 
-    def give_all(self, tensors: Sequence[torch.Tensor | None]) -> None:
-        for t in tensors:
-            self.give(t)
+    def close(self) -> None:
+        """No more waiting: a thread blocked in ``take`` (or any later call) gets fresh memory."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
 class TensorReader:
-    """Reads whole tensors from a checkpoint, one at a time, keeping shard files open.
+    """Reads whole tensors from a checkpoint, one at a time, keeping shard files open."""
 
-    With a ``pool``, tensors are read into its buffers; hand each back with ``pool.give``
-    once nothing uses it any more."""
-
-    def __init__(self, checkpoint: Checkpoint, pool: BufferPool | None = None) -> None:
+    def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
-        self.pool = pool
         self._fds: dict[str, int] = {}
 
     def _fd(self, shard: str) -> int:
@@ -263,7 +282,8 @@ class TensorReader:
             self._fds[shard] = fd
         return fd
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name``; read into ``into`` (uint8, exactly its bytes) when given."""
         import torch
 
         ref = self.checkpoint.tensors[name]
@@ -272,11 +292,11 @@ class TensorReader:
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
         fd = self._fd(ref.shard)
-        if self.pool is not None:
-            tensor = self.pool.take(info.nbytes)
+        if into is not None:
+            assert into.dtype == torch.uint8 and into.numel() == info.nbytes
             buf: bytearray | ctypes.Array[ctypes.c_char] = (
                 ctypes.c_char * info.nbytes
-            ).from_address(tensor.data_ptr())
+            ).from_address(into.data_ptr())
         else:
             buf = bytearray(info.nbytes)
         view = memoryview(buf).cast("B")
@@ -288,22 +308,18 @@ class TensorReader:
                     break
                 done += got
         except OSError as err:
-            if self.pool is not None:
-                self.pool.give(tensor)
             raise InputError(
                 f"{self.checkpoint.display}/{ref.shard}: read of tensor {name!r} failed "
                 f"({err.strerror})",
                 hint="the file is damaged or was removed during the run",
             ) from err
         if done != info.nbytes:
-            if self.pool is not None:
-                self.pool.give(tensor)
             raise InputError(
                 f"{self.checkpoint.display}/{ref.shard}: file ended inside tensor {name!r}",
                 hint="the file was truncated during the run; download it again",
             )
-        if self.pool is not None:
-            return tensor.view(dtype).reshape(info.shape)
+        if into is not None:
+            return into.view(dtype).reshape(info.shape)
         return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
     def release_shard(self, shard: str) -> None:

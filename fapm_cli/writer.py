@@ -213,7 +213,7 @@ class CheckpointWriter:
         """Run ``fn`` once every chunk passed to ``write`` so far is written (on the worker
         thread in background mode): then the memory behind those chunks may be reused."""
         if self._worker is not None:
-            self._worker.submit(fn, 0)
+            self._worker.submit(fn, 0, always=True)
         else:
             fn()
 
@@ -449,11 +449,12 @@ class _Worker:
     """One thread that runs write jobs in order; at most ``_IN_FLIGHT`` bytes queued.
 
     The first error is kept and raised (already translated) by the next ``submit`` or by
-    ``drain``; jobs after it are skipped."""
+    ``drain``; jobs after it are skipped, except those submitted with ``always`` (they hand
+    memory back, which must happen whatever went wrong)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._jobs: collections.deque[tuple[Callable[[], None], int]] = collections.deque()
+        self._jobs: collections.deque[tuple[Callable[[], None], int, bool]] = collections.deque()
         self._bytes = 0
         self._error: BaseException | None = None
         self._closed = False
@@ -461,13 +462,17 @@ class _Worker:
         self._thread = threading.Thread(target=self._run, name="fapm-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Callable[[], None], nbytes: int) -> None:
+    def submit(self, job: Callable[[], None], nbytes: int, *, always: bool = False) -> None:
         with self._cond:
             while self._bytes > _IN_FLIGHT and self._error is None:
                 self._cond.wait()
             if self._error is not None:
+                if always:
+                    self._jobs.append((job, nbytes, True))  # after the jobs before it
+                    self._bytes += nbytes
+                    self._cond.notify_all()
                 raise self._error
-            self._jobs.append((job, nbytes))
+            self._jobs.append((job, nbytes, always))
             self._bytes += nbytes
             self._cond.notify_all()
 
@@ -478,9 +483,9 @@ class _Worker:
                     self._cond.wait()
                 if not self._jobs:
                     return
-                job, nbytes = self._jobs[0]
+                job, nbytes, always = self._jobs[0]
             try:
-                if self._error is None:
+                if self._error is None or always:
                     job()
             except BaseException as err:
                 with self._cond:
@@ -513,8 +518,7 @@ class _Worker:
         self._thread.join()
 
 
-WRITER_QUEUE_BYTES = 64 << 20  # output bytes queued for the worker at most
-_IN_FLIGHT = WRITER_QUEUE_BYTES
+_IN_FLIGHT = 64 << 20  # output bytes queued for the worker at most
 # Output pages are handed to the disk every _WRITEBACK bytes instead of all at the final fsync:
 # the disk works while we compute, and at most ~2 windows of dirty output sit in memory (a
 # memory cgroup charges them, and dirty pages cannot be reclaimed until written).

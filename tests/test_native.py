@@ -7,6 +7,7 @@ replaces, bit for bit, including the inputs where float arithmetic is delicate."
 from __future__ import annotations
 
 import shutil
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -177,7 +178,7 @@ def test_engine_output_is_the_same_on_both_paths(
 
 
 def test_ring_reuses_memory_in_fifo_order() -> None:
-    pool = BufferPool(1000)
+    pool = BufferPool(1000, wait=0)
     a = pool.take(400)
     b = pool.take(400)
     assert b.data_ptr() - a.data_ptr() == 448  # 64-byte aligned
@@ -196,7 +197,7 @@ def test_ring_reuses_memory_in_fifo_order() -> None:
 
 def test_ring_tail_waits_for_the_oldest() -> None:
     """Handing back a later buffer first frees nothing until the older ones are back."""
-    pool = BufferPool(1024)
+    pool = BufferPool(1024, wait=0)
     a, b = pool.take(512), pool.take(448)
     pool.give(b)
     assert pool.take(512).numel() == 512 and pool.fresh == 1
@@ -207,6 +208,25 @@ def test_ring_tail_waits_for_the_oldest() -> None:
 def test_ring_larger_than_arena_is_fresh() -> None:
     pool = BufferPool(100)
     big = pool.take(101)
-    assert big.numel() == 101 and pool.fresh == 1
+    assert big.numel() == 101 and pool.fresh == 1 and pool.waited == 0
     pool.give(big)  # not from the arena: nothing to do
     assert pool.take(100).numel() == 100 and pool.fresh == 1
+
+
+def test_ring_waits_for_room_instead_of_growing() -> None:
+    """A request that does not fit yet waits until earlier ones come back (here from another
+    thread, as the writer hands them back), then gets arena memory: no new allocation."""
+    pool = BufferPool(1024)
+    a = pool.take(1000)
+    threading.Timer(0.2, pool.give, (a,)).start()
+    b = pool.take(800)
+    assert b.data_ptr() == a.data_ptr()
+    assert (pool.waited, pool.fresh) == (1, 0)
+
+
+def test_ring_close_releases_a_waiting_thread() -> None:
+    pool = BufferPool(1024)
+    pool.take(1000)
+    threading.Timer(0.2, pool.close).start()
+    assert pool.take(800).numel() == 800  # fresh, after close
+    assert (pool.waited, pool.fresh) == (1, 1)
