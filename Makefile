@@ -34,8 +34,8 @@ fuzz: install
 		--hypothesis-show-statistics
 
 lint: install
-	$(BIN)/ruff check fapm_cli tests examples experiments tools
-	$(BIN)/ruff format --check fapm_cli tests examples experiments tools
+	$(BIN)/ruff check fapm_cli tests examples experiments tools bench
+	$(BIN)/ruff format --check fapm_cli tests examples experiments tools bench
 	$(BIN)/mypy
 	$(PY) tools/cli_docs.py --check
 
@@ -43,8 +43,8 @@ docs-cli: install
 	$(PY) tools/cli_docs.py
 
 format: install
-	$(BIN)/ruff format fapm_cli tests examples experiments tools
-	$(BIN)/ruff check --fix fapm_cli tests examples experiments tools
+	$(BIN)/ruff format fapm_cli tests examples experiments tools bench
+	$(BIN)/ruff check --fix fapm_cli tests examples experiments tools bench
 
 # Benchmark on generated Llama-shaped bf16 pairs (~170M and ~1.2B parameters, cached in
 # bench-data/); see docs/benchmarks.md. BENCH_ARGS e.g. '--sizes small --repeat 3'.
