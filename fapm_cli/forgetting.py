@@ -270,7 +270,9 @@ def score_tensor(
         nz = bc != 0
         acc["abs_tau"] += float(a.sum(dtype=f64))
         acc["abs_base"] += float(ab.sum(dtype=f64))
-        acc["rel"] += float((a[nz] / ab[nz]).sum(dtype=f64))
+        # where() instead of boolean indexing: masked_select costs ~4.5 ns per entry here,
+        # arithmetic 0.1-0.3 ns; |tau| / 0 (inf or nan) is replaced by 0 before the sum.
+        acc["rel"] += float(torch.where(nz, a / ab, 0.0).sum(dtype=f64))
         nonzero += int(nz.sum())
         s = scoring.score_chunk(Method.FAPM, bc, fc, coef)
         positive += int((s > 0).sum())
@@ -278,12 +280,12 @@ def score_tensor(
             write(s.to(torch.float32))
         tau2 = tau * tau
         acc["sq"] += float(tau2.sum(dtype=f64))
-        acc["sq_fapm"] += float(tau2[mask].sum(dtype=f64))
+        acc["sq_fapm"] += float(torch.where(mask, tau2, 0.0).sum(dtype=f64))
         kept += int(mask.sum())
         fapm_mask[start:stop] = mask
     for start, stop, mask in engine.iter_keep_masks(name, base, finetuned, magnitude_opts):
         tau = f[start:stop].to(cdt) - b[start:stop].to(cdt)
-        acc["sq_magnitude"] += float((tau * tau)[mask].sum(dtype=f64))
+        acc["sq_magnitude"] += float(torch.where(mask, tau * tau, 0.0).sum(dtype=f64))
         overlap += int((mask & fapm_mask[start:stop]).sum())
     return Sums(
         numel=n,
