@@ -336,15 +336,23 @@ class HubSource:
 
     def _ranged_get(self, name: str, start: int, stop: int) -> tuple[bytes, int]:
         """Bytes ``[start, stop)`` of a file (fewer if it is shorter) and the file's size."""
-        from huggingface_hub import constants, get_session, hf_hub_url, hf_raise_for_status
-        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+        from huggingface_hub import constants, hf_hub_url, hf_raise_for_status
+        from huggingface_hub.utils import (  # type: ignore[attr-defined]
+            build_hf_headers,
+            http_stream_backoff,
+        )
 
         url = hf_hub_url(self.repo_id, name, revision=self.commit)
         headers = build_hf_headers()
         headers["Range"] = f"bytes={start}-{stop - 1}"
         headers["Accept-Encoding"] = "identity"  # sizes must be the file's, not a gzip's
         timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
-        with get_session().stream("GET", url, headers=headers, timeout=timeout) as response:
+        # Rate limits and request timeouts are waited out and retried, as the library does for
+        # its own downloads (the same status codes); other errors fail at once.
+        with http_stream_backoff(
+            "GET", url, headers=headers, timeout=timeout, retry_on_exceptions=(),
+            retry_on_status_codes=(408, 429),
+        ) as response:  # fmt: skip
             if response.status_code == 416:  # the range starts past the end: an empty file
                 return b"", _total_from_content_range(response.headers.get("Content-Range"))
             if response.status_code >= 400:

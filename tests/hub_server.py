@@ -86,6 +86,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.records: list[Record] = []
         self.drop_after: dict[str, int] = {}  # file name -> bytes sent before the connection dies
+        self.rate_limit: dict[str, int] = {}  # file name -> GETs answered 429 before serving
         self._dropped: set[str] = set()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -287,6 +288,10 @@ class _Handler(BaseHTTPRequestHandler):
         }
         data = blob.data
         wanted = self.headers.get("Range")
+        if self.command == "GET" and self.fake.rate_limit.get(name, 0) > 0:
+            with self.fake._lock:
+                self.fake.rate_limit[name] -= 1
+            return self._error(429, "RateLimited", "slow down", {"Retry-After": "1"})
         if self.command == "GET" and name in self.fake.drop_after:
             if name in self.fake._dropped:
                 return self._hang_up()

@@ -539,3 +539,22 @@ def test_a_cache_filled_online_serves_the_same_sources_offline(
     assert code == 0, err
     assert hub.records == []
     assert_same_tensors(load_checkpoint(tmp_path / "offline"), load_checkpoint(tmp_path / "online"))
+
+
+def test_quiet_silences_the_hub_clients_own_warnings(
+    tmp_path: Path, repos: dict[str, Path], hub: FakeHub, hf: dict[str, str]
+) -> None:
+    """huggingface_hub logs its retries (here a 429 on a shard) on stderr itself: without -q
+    the user sees them, with -q nothing but errors is printed, and the run still succeeds."""
+    shard = sorted(p.name for p in repos["base"].glob("*.safetensors"))[0]
+    outputs = {}
+    for quiet in (False, True):
+        hub.rate_limit[shard] = 1
+        out = tmp_path / f"o{int(quiet)}"
+        args = ["prune", "-b", "org/base", "-f", str(repos["ft"]), "-o", str(out)]
+        r = fapm({**hf, "HF_HOME": str(tmp_path / f"hf{int(quiet)}")}, *args, *["-q"] * quiet)
+        assert r.returncode == 0, r.stderr
+        assert hub.rate_limit[shard] == 0  # the 429 was served and retried
+        outputs[quiet] = r.stderr
+    assert "retry" in outputs[False].lower()
+    assert outputs[True] == ""

@@ -17,6 +17,7 @@ from fapm_cli.cli.options import (
     QuietOpt,
     ThreadsOpt,
     exit_codes,
+    quiet_libraries,
     set_threads,
 )
 from fapm_cli.errors import UsageError
@@ -71,6 +72,7 @@ def diff(
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm diff --help") from err
     set_threads(threads)
+    quiet_libraries(quiet)
     result = merging.diff(
         base,
         finetuned,

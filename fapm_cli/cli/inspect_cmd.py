@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from fapm_cli.cli.boundary import boundary
-from fapm_cli.cli.options import JsonOpt, QuietOpt
+from fapm_cli.cli.options import JsonOpt, QuietOpt, quiet_libraries
 from fapm_cli.errors import InputError, MismatchError
 
 if TYPE_CHECKING:
@@ -83,6 +83,8 @@ def inspect(
     from fapm_cli import inspection, report
     from fapm_cli.reader import open_checkpoint
     from fapm_cli.sources import resolve_source
+
+    quiet_libraries(quiet)
 
     inspection.compile_match(match)  # a bad regex is a usage error before any reading
     checkpoint = open_checkpoint(resolve_source(source))

@@ -19,6 +19,7 @@ from fapm_cli.cli.options import (
     QuietOpt,
     ThreadsOpt,
     exit_codes,
+    quiet_libraries,
     set_threads,
     use_device,
 )
@@ -147,6 +148,7 @@ def merge(
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm merge --help") from err
     set_threads(threads)
+    quiet_libraries(quiet)
     use_device(device)
     full = ws * n if len(ws) == 1 else ws or [1.0] * n
     kinds = [merging.TASK_VECTOR_KIND] * len(tvs) + ["finetuned"] * len(fts)

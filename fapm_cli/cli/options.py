@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from enum import StrEnum
 from typing import Annotated
 
@@ -82,6 +84,16 @@ ThreadsOpt = Annotated[
         show_default=False,
     ),
 ]
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """``--quiet``: the Hub client's own messages (retries, rate limits) are not printed either.
+
+    huggingface_hub reads ``HF_HUB_VERBOSITY`` when it sets up its logger (it is imported only
+    for Hub sources, after this); the level is also set in case it already was."""
+    if quiet:
+        os.environ["HF_HUB_VERBOSITY"] = "error"
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def set_threads(threads: int | None) -> None:

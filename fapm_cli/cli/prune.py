@@ -22,6 +22,7 @@ from fapm_cli.cli.options import (
     QuietOpt,
     ThreadsOpt,
     exit_codes,
+    quiet_libraries,
     set_threads,
     use_device,
 )
@@ -258,6 +259,7 @@ def prune(
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm prune --help") from err
     set_threads(threads)
+    quiet_libraries(quiet)
     use_device(device)
     opts = engine.PruneOptions(
         method=scoring.Method(method.value),

@@ -19,6 +19,7 @@ from fapm_cli.cli.options import (
     QuietOpt,
     ThreadsOpt,
     exit_codes,
+    quiet_libraries,
     set_threads,
     use_device,
 )
@@ -152,6 +153,7 @@ def score(
     if plot is not None:
         forgetting.check_plot_path(plot)  # before the heavy work
     set_threads(threads)
+    quiet_libraries(quiet)
     use_device(device)
     result = forgetting.score(
         base,
