@@ -203,16 +203,19 @@ class BufferPool:
         self.waited = 0  # requests that had to wait for room
 
     def _place(self, n: int) -> int | None:
+        """Where ``n`` bytes fit in the arena now, or None."""
         if not self._live:
             self._head = 0
-        tail = next(iter(self._live.values()))[0] if self._live else 0
-        if self._head >= tail:  # live data in [tail, head): room at the end, then the start
+            return 0
+        tail = next(iter(self._live.values()))[0]  # the oldest region's start
+        newest = next(reversed(self._live.values()))[0]
+        if newest >= tail:  # live data in [tail, head): room at the end, then at the start
             if self._head + n <= self.limit:
                 return self._head
-            if n <= tail:
-                return 0
-            return None
-        return self._head if self._head + n <= tail else None  # wrapped: room before tail
+            return 0 if n <= tail else None
+        # Wrapped: live data in [tail, end) and [0, head); room only in [head, tail), which is
+        # empty when head == tail (comparing head and tail alone cannot tell full from empty).
+        return self._head if self._head + n <= tail else None
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A uint8 tensor of ``nbytes`` (contents undefined)."""

@@ -6,6 +6,8 @@ replaces, bit for bit, including the inputs where float arithmetic is delicate."
 
 from __future__ import annotations
 
+import itertools
+import random
 import shutil
 import threading
 from fractions import Fraction
@@ -203,6 +205,37 @@ def test_ring_tail_waits_for_the_oldest() -> None:
     assert pool.take(512).numel() == 512 and pool.fresh == 1
     pool.give(a)
     assert pool.take(960).data_ptr() == a.data_ptr() and pool.fresh == 1
+
+
+def test_ring_full_after_wrapping_is_not_empty() -> None:
+    """After a wrap that ends exactly at the oldest region, head == tail means full: the next
+    region must not be placed over the oldest one (it would overwrite a tensor in use)."""
+    pool = BufferPool(1024, wait=0)
+    a, b = pool.take(512), pool.take(512)
+    pool.give(a)
+    c = pool.take(512)  # wraps into a's place, ending where b starts
+    assert c.data_ptr() == a.data_ptr() and pool.fresh == 0
+    d = pool.take(64)
+    assert pool.fresh == 1  # no room anywhere: fresh, not on top of b
+    assert not (b.data_ptr() <= d.data_ptr() < b.data_ptr() + 512)
+    pool.give(b)
+    e = pool.take(512)  # b's place is free now
+    assert e.data_ptr() == b.data_ptr() and pool.fresh == 1
+
+
+def test_ring_regions_never_overlap_under_random_use() -> None:
+    """Random sizes, handed back in order with a random lag: live regions never overlap."""
+    rng = random.Random(7)
+    pool = BufferPool(10_000, wait=0)
+    live: list[torch.Tensor] = []
+    for _ in range(5000):
+        if live and (rng.random() < 0.45 or len(live) > 6):
+            pool.give(live.pop(0))
+        t = pool.take(rng.choice([64, 128, 640, 1000, 2048, 3000, 4096, rng.randrange(1, 5000)]))
+        spans = sorted((x.data_ptr(), x.data_ptr() + x.numel()) for x in [*live, t])
+        assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans)), spans
+        live.append(t)
+    assert pool.fresh < 5000  # the arena did serve most requests
 
 
 def test_ring_larger_than_arena_is_fresh() -> None:
