@@ -2,8 +2,9 @@
 
 ``open_checkpoint`` reads every header (never tensor data) and checks the index against the
 shards, so that a broken or mismatched input is refused before any heavy work. ``TensorReader``
-then reads one tensor at a time with ``pread`` into a fresh buffer: no mmap, so resident memory
-is the tensors in hand, not the page cache of whole shards.
+then reads one tensor at a time with ``pread`` into a fresh buffer, or into a region of the
+caller's ``BufferPool``: no mmap, so resident memory is the tensors in hand, not the page cache
+of whole shards.
 """
 
 from __future__ import annotations

@@ -358,7 +358,8 @@ def select_from_top_histogram(keys: torch.Tensor, hist0: torch.Tensor, k: int) -
     low = (bucket - (_DIGITS >> 1)) << 16  # smallest key in the bucket
     lo_b = max(low - 1, -(1 << 31))
     hi_b = min(low + _DIGITS, (1 << 31) - 1)
-    kern = native.kernels() if keys.device.type == "cpu" and keys.is_contiguous() else None
+    plain = keys.device.type == "cpu" and keys.dtype == torch.int32 and keys.is_contiguous()
+    kern = native.kernels() if plain else None
     if kern is not None:
         # One pass in C per chunk, on the scoring threads, each into its own histogram.
         def count(c: int) -> torch.Tensor:
