@@ -77,6 +77,15 @@ static inline float load(int dt, const void *p, int64_t i) {
     }
 }
 
+/* lane[j] += x[i] for i = j (mod 8), in order: 8 float64 accumulators that the compiler can
+ * vectorise without reassociating (each lane's sum is in element order). */
+static inline void add_lanes(double lane[8], const float *x, int64_t m) {
+    int64_t i = 0;
+    for (; i + 8 <= m; i += 8)
+        for (int j = 0; j < 8; j++) lane[j] += (double)x[i + j];
+    for (; i < m; i++) lane[i & 7] += (double)x[i];
+}
+
 /* Order-preserving map of a float's bits to a signed integer (scoring.to_keys). */
 static inline int32_t key_of(float s) {
     int32_t bits = float_bits(s);
@@ -98,10 +107,7 @@ HOT API double fapm_sum_abs(int dt, const void *p, int64_t n) {
         } else {
             for (int64_t i = 0; i < m; i++) x[i] = __builtin_fabsf(load(dt, p, c + i));
         }
-        int64_t i = 0;
-        for (; i + 8 <= m; i += 8)
-            for (int j = 0; j < 8; j++) lane[j] += (double)x[i + j];
-        for (; i < m; i++) lane[i & 7] += (double)x[i];
+        add_lanes(lane, x, m);
     }
     double s = 0;
     for (int j = 0; j < 8; j++) s += lane[j];
@@ -164,10 +170,8 @@ HOT API double fapm_score_keys(int method, int bdt, int fdt, const void *base, c
 #define FG(i) load(fdt, ft, c + (i))
             SCORE_BLOCK(BG, FG);
         }
-        int64_t i = 0;
-        for (; i + 8 <= m; i += 8)
-            for (int j = 0; j < 8; j++) lane[j] += (double)a2[i + j];
-        for (; i < m; i++) lane[i & 7] += (double)a2[i];
+        add_lanes(lane, a2, m);
+        int64_t i;
         if (hist) {
             for (i = 0; i + 4 <= m; i += 4) {
                 hist[(kp[i] >> 16) + 32768]++;
@@ -251,10 +255,7 @@ HOT API double fapm_select_write(const int32_t *keys, int64_t n, int32_t t, int6
             SELECT_BLOCK(uint16_t, f16_to_float, f16_to_float);
         else
             SELECT_BLOCK(uint32_t, bits_to_float, bits_to_float); /* bits: NaNs untouched */
-        int64_t i = 0;
-        for (; i + 8 <= m; i += 8)
-            for (int j = 0; j < 8; j++) lane[j] += (double)d2[i + j];
-        for (; i < m; i++) lane[i & 7] += (double)d2[i];
+        add_lanes(lane, d2, m);
     }
     double s = 0;
     for (int j = 0; j < 8; j++) s += lane[j];
