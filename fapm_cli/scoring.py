@@ -118,39 +118,28 @@ def map_chunks(fn: Callable[[int], _T], starts: Sequence[int]) -> list[_T]:
 def imap_chunks(fn: Callable[[int], _T], starts: Sequence[int]) -> Iterator[_T]:
     """``fn`` over chunk starts on the scoring threads, yielded in chunk order as they finish.
 
-    At most ``2 * workers`` calls run ahead of the consumer."""
+    At most ``2 * workers`` calls run ahead of the consumer. The threads live for this call
+    only and are shut down on the way out, also when the consumer stops early or a signal
+    interrupts it: a long-lived pool would rely on the interpreter's exit hook, and a signal
+    landing inside ``ThreadPoolExecutor.submit`` (after a thread starts, before it is
+    registered) leaves that hook a thread it never wakes, so the process never exits."""
     workers = min(score_workers(), len(starts))
     if workers <= 1:
         yield from (fn(c) for c in starts)
         return
-    pool = _pool(workers)
-    ahead: collections.deque[Future[_T]] = collections.deque()
-    try:
-        for c in starts:
-            ahead.append(pool.submit(fn, c))
-            if len(ahead) >= 2 * workers:
+    with ThreadPoolExecutor(workers, thread_name_prefix="fapm-score") as pool:
+        ahead: collections.deque[Future[_T]] = collections.deque()
+        try:
+            for c in starts:
+                ahead.append(pool.submit(fn, c))
+                if len(ahead) >= 2 * workers:
+                    yield ahead.popleft().result()
+            while ahead:
                 yield ahead.popleft().result()
-        while ahead:
-            yield ahead.popleft().result()
-    finally:
-        for fut in ahead:  # the consumer stopped early (an error): finish nothing more
-            fut.cancel()
-        for fut in ahead:
-            if not fut.cancelled():
-                fut.exception()  # wait: the buffers these write into must outlive them
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """One long-lived pool per worker count (threads are made once, not per tensor)."""
-    with _POOLS_LOCK:
-        pool = _POOLS.get(workers)
-        if pool is None:
-            pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="fapm-score")
-        return pool
+        finally:
+            # Queued calls are dropped; running ones finish first (the buffers they write
+            # into must outlive them).
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def score_chunk(

@@ -263,3 +263,21 @@ def test_ring_close_releases_a_waiting_thread() -> None:
     threading.Timer(0.2, pool.close).start()
     assert pool.take(800).numel() == 800  # fresh, after close
     assert (pool.waited, pool.fresh) == (1, 1)
+
+
+def test_no_scoring_thread_outlives_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scoring threads are shut down by each call that starts them. A pool kept for the
+    process would depend on the interpreter's exit hook, which a SIGTERM landing inside
+    ThreadPoolExecutor.submit can leave with a thread it never wakes: the process then hangs
+    at exit (seen once in test_faults' SIGTERM case)."""
+    monkeypatch.setattr(scoring, "score_workers", lambda: 2)
+    monkeypatch.setattr(engine, "NATIVE_OUT_CHUNK", 1000)
+    gen = torch.Generator().manual_seed(9)
+    b = (torch.randn(20_000, generator=gen) * 0.02).to(torch.bfloat16)
+    f = (b.float() + torch.randn(20_000, generator=gen) * 5e-4).to(torch.bfloat16)
+    bd = write_checkpoint(tmp_path / "b", {"w": b})
+    fd = write_checkpoint(tmp_path / "f", {"w": f})
+    before = set(threading.enumerate())  # other tests' leftovers are not this run's
+    engine.prune(str(bd), str(fd), str(tmp_path / "o"), engine.PruneOptions())
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert left == []
