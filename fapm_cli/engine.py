@@ -507,7 +507,7 @@ def run_prune(
 
     def read(item: Item) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The item's base and finetuned tensors, and the pool region holding both."""
-        nb = _aligned(item.base.info.nbytes) if item.base is not None else 0
+        nb = BufferPool.aligned(item.base.info.nbytes) if item.base is not None else 0
         nf = item.finetuned.info.nbytes if item.finetuned is not None else 0
         region = pool.take(nb + nf) if pool is not None and nb + nf else None
         try:
@@ -557,19 +557,18 @@ def run_prune(
     return results
 
 
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // 64) * 64
-
-
 def _inputs_at_peak(items: Sequence[Item], held: Sequence[int], prefetch: bool) -> int:
     """The most input bytes in hand at once: one item's, plus the next one's where the
     prefetch rule (see ``reader.Prefetcher``) reads it ahead."""
+    from fapm_cli.reader import BufferPool
+
+    pad = BufferPool.ALIGN  # a region's finetuned part starts aligned, and so does the region
     limit = max(held)
     most = 0
     for j, item in enumerate(items):
-        both = item.read_bytes + 64  # + the alignment of finetuned's part of the region
+        both = item.read_bytes + pad
         if prefetch and j + 1 < len(items) and held[j] + items[j + 1].read_bytes <= limit:
-            both += items[j + 1].read_bytes + 128
+            both += items[j + 1].read_bytes + 2 * pad
         most = max(most, both)
     return most
 

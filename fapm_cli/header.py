@@ -15,6 +15,7 @@ torch, so ``fapm inspect`` and ``fapm --help`` stay fast.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import struct
@@ -88,10 +89,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ def kernels() -> Kernels | None:
 
 
 def status() -> str:
-    """One line for ``fapm --version``-style diagnostics and the benchmark."""
+    """One line saying which path runs (the benchmark and docs/getting-started.md use it)."""
     if os.environ.get(ENV, "1") == "0":
         return f"off ({ENV}=0)"
     return "on" if _load() is not None else "not built (torch path)"

@@ -190,7 +190,11 @@ class BufferPool:
     ``close`` get a fresh buffer, as without a pool.
     """
 
-    _ALIGN = 64
+    ALIGN = 64  # every region starts at a multiple of this
+
+    @classmethod
+    def aligned(cls, nbytes: int) -> int:
+        return -(-nbytes // cls.ALIGN) * cls.ALIGN
 
     def __init__(self, limit: int, wait: float = 30.0) -> None:
         self.limit = limit
@@ -242,7 +246,7 @@ class BufferPool:
                 self._arena = torch.empty(self.limit, dtype=torch.uint8)
             buf = self._arena[at : at + nbytes]
             self._live[buf.data_ptr()] = [at, 0]
-            self._head = at + -(-nbytes // self._ALIGN) * self._ALIGN  # offsets stay aligned
+            self._head = at + self.aligned(nbytes)  # offsets stay aligned
             return buf
 
     def give(self, tensor: torch.Tensor | None) -> None:

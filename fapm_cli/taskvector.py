@@ -31,6 +31,7 @@ Nothing here reads or writes files; ``merging`` wires these functions to the rea
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -173,10 +174,7 @@ class CompactLayout:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def planned(self) -> list[PlannedTensor]:
         n = self.numel
