@@ -11,7 +11,7 @@ DEMO := demo
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py fapm_cli/_kernels.c
+$(VENV)/.installed: pyproject.toml setup.py fapm_cli/compute/_kernels.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
@@ -69,4 +69,4 @@ experiment: install
 		--publish docs/evidence
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache *.egg-info build fapm_cli/*.so
+	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache *.egg-info build fapm_cli/*.so fapm_cli/*/*.so

@@ -1,4 +1,4 @@
-"""Builds the optional C kernels (fapm_cli/_kernels.c); everything else is in pyproject.toml.
+"""Builds the optional C kernels (fapm_cli/compute/_kernels.c); everything else is in pyproject.toml.
 
 The extension is optional: where no C compiler is found the build warns and fapm runs its
 torch path, which gives the same results, slower (see docs/benchmarks.md)."""
@@ -23,6 +23,6 @@ class BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("fapm_cli._kernels", ["fapm_cli/_kernels.c"], optional=True)],
+    ext_modules=[Extension("fapm_cli.compute._kernels", ["fapm_cli/compute/_kernels.c"], optional=True)],
     cmdclass={"build_ext": BuildExt},
 )

@@ -7,7 +7,8 @@ process, in one interleaved round per ``--repeat``:
 
 - ``io-floor``: read both checkpoints and write (and fsync) as many bytes as one output;
 - ``fapm prune`` with ``--method fapm`` and ``--method magnitude`` at sparsity 0.9;
-- ``fapm diff``, ``fapm merge`` (of that diff) and ``fapm score`` when ``fapm --help`` lists them;
+- ``fapm diff``, ``fapm merge`` (of that diff, and of two fine-tunes pruned on the fly) and
+  ``fapm score`` when ``fapm --help`` lists them;
 - ``mergekit ties`` at density 0.1 when bench/.venv-mergekit exists (``make bench-mergekit-env``).
 
 Wall time is measured around each child; peak RSS is that child's own ``ru_maxrss`` from
@@ -150,6 +151,16 @@ def runs_for(
                     [str(FAPM), "merge", "-b", str(base), "--task-vector", tv, "-o", out, "-q"],
                 )
             )
+    if "merge" in commands:
+        # Two fine-tunes pruned on the fly and summed (the same one twice: the memory and the
+        # work of two different ones): bounded like prune (issue #12's 2.5 x f32 + 400 MB).
+        runs.append(
+            (
+                "fapm merge (2 fine-tunes)",
+                [str(FAPM), "merge", "-b", str(base), "-f", str(ft), "-f", str(ft),
+                 "-w", "0.5", "-s", SPARSITY, "-o", out, "-q", *extra],
+            )
+        )  # fmt: skip
     if "score" in commands:
         runs.append(
             (
@@ -282,7 +293,8 @@ def markdown(results: dict[str, dict[str, object]]) -> str:
                 else ""
             )
             rss = r["peak_rss_mb"] if r["peak_rss_mb"] is not None else "—"
-            budget = r["rss_budget_mb"] if r["run"].startswith("fapm prune") else ""
+            bounded = r["run"].startswith(("fapm prune", "fapm merge (2"))
+            budget = r["rss_budget_mb"] if bounded else ""
             load = ", ".join(str(x) for x in r["load1"])
             lines.append(
                 f"| {r['run']} | {w} | {r['mparams_per_s']} | {xf} | {xm} | {rss} "
@@ -302,7 +314,7 @@ def machine() -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     kernels = subprocess.run(
-        [sys.executable, "-c", "from fapm_cli import native; print(native.status())"],
+        [sys.executable, "-c", "from fapm_cli.compute import native; print(native.status())"],
         capture_output=True, text=True, cwd=ROOT, check=False,
     ).stdout.strip() or "unknown"  # fmt: skip
     return (

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from fapm_cli.errors import MismatchError
-from fapm_cli.header import TensorInfo
+from fapm_cli.io.header import TensorInfo
 
 
 class DifferenceKind(StrEnum):

@@ -38,7 +38,7 @@ def bf16_pair_dirs(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture(params=["native", "torch"])
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test on the C kernels and on the torch path (FAPM_NATIVE=0): same results."""
-    from fapm_cli import native
+    from fapm_cli.compute import native
 
     if request.param == "torch":
         monkeypatch.setenv(native.ENV, "0")

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from fapm_cli import taskvector
 from fapm_cli.cli.app import app
+from fapm_cli.compute import taskvector
 from tests.checkpoints import load_checkpoint, make_pair, write_checkpoint
 from tests.reference import reference_mask
 
@@ -55,7 +55,7 @@ def test_gaps_by_hand() -> None:
     ],
 )
 def test_layout_picks_the_smaller(shape, kept, positions, idx_dtype) -> None:
-    from fapm_cli.header import DTYPES
+    from fapm_cli.io.header import DTYPES
 
     layout = taskvector.compact_layout("t", shape, kept, DTYPES["BF16"])
     assert layout.positions == positions

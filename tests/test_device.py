@@ -5,7 +5,6 @@ Tests marked ``gpu`` need CUDA and skip without it; the rest run everywhere."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,21 +12,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fapm_cli import engine, scoring
+from fapm_cli import plan
 from fapm_cli.cli.app import app
+from fapm_cli.compute import prune as compute_prune
+from fapm_cli.compute import scoring
 from fapm_cli.errors import InputError
-from fapm_cli.scoring import Method
+from fapm_cli.plan import Method
 from tests.checkpoints import make_pair, tree_hash, write_checkpoint
 from tests.reference import reference_mask
 
 runner = CliRunner()
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def _back_to_cpu() -> Iterator[None]:
-    yield
-    scoring.set_device("cpu")  # the CLI sets the device per run; tests must not leak it
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -45,8 +40,11 @@ def _tied_pair(n: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor,
     return b.to(dtype), f.to(dtype)
 
 
-def _mask(b: torch.Tensor, f: torch.Tensor, opts: engine.PruneOptions) -> torch.Tensor:
-    return torch.cat([m for _, _, m in engine.iter_keep_masks("t", b, f, opts)])
+def _mask(
+    b: torch.Tensor, f: torch.Tensor, opts: plan.PruneOptions, device: str = "cpu"
+) -> torch.Tensor:
+    ws = scoring.Workspace(torch.device(device))
+    return torch.cat([m for _, _, m in compute_prune.iter_keep_masks("t", b, f, opts, ws)])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -87,9 +85,9 @@ def test_device_sized_chunks_give_the_reference_mask(method: str) -> None:
     # neither FUSED_CHUNK nor a divisor of n: the keys are element-wise, the mask unchanged.
     n = 2 * scoring.FUSED_CHUNK + 999
     b, f = _tied_pair(n, torch.bfloat16)
-    k = scoring.keep_count(n, Fraction(9, 10))
+    k = plan.keep_count(n, Fraction(9, 10))
     ranked = scoring.rank_tensor(
-        Method(method), b, f, k, 1.0, lambda s, e: None, device=torch.device("cpu"),
+        Method(method), b, f, k, 1.0, lambda s, e: None, scoring.Workspace(torch.device("cpu")),
         chunk=scoring.FUSED_CHUNK * 3 // 2 + 1,
     )  # fmt: skip
     masks, seen = [], 0
@@ -98,7 +96,7 @@ def test_device_sized_chunks_give_the_reference_mask(method: str) -> None:
             ranked.keys[c : c + scoring.CHUNK], ranked.threshold, seen
         )
         masks.append(m)
-    scoring.release(ranked)
+    ranked.release()
     assert torch.equal(torch.cat(masks), reference_mask(b, f, Fraction(9, 10), method))
 
 
@@ -113,10 +111,8 @@ def test_device_sized_chunks_give_the_reference_mask(method: str) -> None:
 def test_cuda_masks_equal_reference(method: str, dtype: torch.dtype, sparsity: str) -> None:
     n = scoring.DEVICE_CHUNK + 4 * scoring.CHUNK + 12345  # two device chunks, a partial one
     b, f = _tied_pair(n, dtype, seed=1)
-    opts = engine.PruneOptions(method=Method(method), sparsity=Fraction(sparsity), lam=0.7)
-    scoring.set_device("cuda")
-    on_gpu = _mask(b, f, opts)
-    scoring.set_device("cpu")
+    opts = plan.PruneOptions(method=Method(method), sparsity=Fraction(sparsity), lam=0.7)
+    on_gpu = _mask(b, f, opts, "cuda")
     assert on_gpu.device.type == "cpu"
     expected = reference_mask(b, f, Fraction(sparsity), method, lam=0.7)
     assert torch.equal(on_gpu, expected)
@@ -132,12 +128,12 @@ def test_cuda_keys_equal_cpu_keys_bit_for_bit() -> None:
     n = b.numel()
     for method in (Method.FAPM, Method.RATIO, Method.MAGNITUDE):
         got = scoring.rank_tensor(method, b, f, n // 10, 0.37, lambda s, e: None,
-                                  device=torch.device("cuda"))  # fmt: skip
+                                  scoring.Workspace(torch.device("cuda")))  # fmt: skip
         want = scoring.rank_tensor(method, b, f, n // 10, 0.37, lambda s, e: None,
-                                   device=torch.device("cpu"))  # fmt: skip
+                                   scoring.Workspace(torch.device("cpu")))  # fmt: skip
         assert torch.equal(got.keys.cpu(), want.keys)
         assert got.threshold == want.threshold
-        scoring.release(want)
+        want.release()
 
 
 @pytest.mark.gpu
@@ -145,9 +141,8 @@ def test_cuda_keys_equal_cpu_keys_bit_for_bit() -> None:
 def test_cuda_nan_is_refused_like_on_cpu() -> None:
     b, f = _tied_pair(scoring.FUSED_CHUNK + 3, torch.float32, seed=3)
     f[scoring.FUSED_CHUNK + 1] = float("nan")
-    scoring.set_device("cuda")
     with pytest.raises(InputError, match="contains NaN or Inf"):
-        _mask(b, f, engine.PruneOptions())
+        _mask(b, f, plan.PruneOptions(), "cuda")
 
 
 @pytest.mark.gpu

@@ -8,18 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from fapm_cli import engine, scoring
-from fapm_cli.engine import PruneOptions
+from fapm_cli import plan, records
+from fapm_cli.compute import prune as compute_prune
+from fapm_cli.compute import scoring
 from fapm_cli.errors import InputError, MismatchError, UsageError
-from fapm_cli.header import DTYPES
-from fapm_cli.scoring import Method
+from fapm_cli.io.header import DTYPES
+from fapm_cli.plan import Method, PruneOptions
+from fapm_cli.verbs import prune as verbs_prune
 from tests.checkpoints import load_checkpoint, make_pair, tree_hash, write_checkpoint
 from tests.reference import reference_prune
 
 
-def run(base: Path, ft: Path, out: Path, **kw: object) -> engine.PruneReport:
+def run(base: Path, ft: Path, out: Path, **kw: object) -> records.PruneReport:
     opts = PruneOptions(**kw)  # type: ignore[arg-type]
-    return engine.prune(str(base), str(ft), str(out), opts, max_shard_size=3000)
+    return verbs_prune.prune(str(base), str(ft), str(out), opts, max_shard_size=3000)
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -42,7 +44,7 @@ def test_stream_equals_reference(
     # Many chunk boundaries inside small tensors, on both paths.
     monkeypatch.setattr(scoring, "CHUNK", 64)
     monkeypatch.setattr(scoring, "FUSED_CHUNK", 96)
-    monkeypatch.setattr(engine, "NATIVE_OUT_CHUNK", 80)
+    monkeypatch.setattr(compute_prune, "NATIVE_OUT_CHUNK", 80)
     base, ft = make_pair(seed=3, dtype=dtype)
     b = write_checkpoint(tmp_path / "b", base, shard_bytes=1200)
     f = write_checkpoint(tmp_path / "f", ft, shard_bytes=5000)
@@ -90,7 +92,7 @@ def test_exact_k_and_kept_bits(tmp_path: Path, bf16_pair_dirs: tuple[Path, Path]
     report = run(b, f, tmp_path / "o", sparsity=Fraction(9, 10))
     base, ft, out = load_checkpoint(b), load_checkpoint(f), load_checkpoint(tmp_path / "o")
     for r in report.tensors:
-        if r.action is not engine.Action.PRUNE:
+        if r.action is not plan.Action.PRUNE:
             continue
         n = r.numel
         assert r.kept == n // 10, r.name  # floor(n * 0.1), exactly
@@ -146,10 +148,10 @@ def test_only_in_one_side(tmp_path: Path) -> None:
     with pytest.raises(MismatchError, match=r"only in finetuned.*extra\.weight"):
         run(b, f, tmp_path / "o")
     with pytest.raises(MismatchError, match=r"only in base.*model\.norm\.weight"):
-        run(b, f, tmp_path / "o", on_finetuned_only=engine.OnFinetunedOnly.COPY)
+        run(b, f, tmp_path / "o", on_finetuned_only=plan.OnFinetunedOnly.COPY)
     run(
         b, f, tmp_path / "o",
-        on_finetuned_only=engine.OnFinetunedOnly.COPY, on_base_only=engine.OnBaseOnly.KEEP,
+        on_finetuned_only=plan.OnFinetunedOnly.COPY, on_base_only=plan.OnBaseOnly.KEEP,
     )  # fmt: skip
     out = load_checkpoint(tmp_path / "o")
     assert torch.equal(out["extra.weight"], torch.ones(3))
@@ -169,8 +171,8 @@ def test_patterns_and_dtype(tmp_path: Path, pair_dirs: tuple[Path, Path]) -> Non
     assert torch.equal(out["model.norm.weight"], ft["model.norm.weight"].bfloat16())
     assert out["model.position_ids"].dtype == torch.int64  # --dtype only applies to floats
     actions = {r.name: r.action for r in report.tensors}
-    assert actions["model.layers.0.input_layernorm.weight"] is engine.Action.FINETUNED
-    assert actions["model.position_ids"] is engine.Action.COPY
+    assert actions["model.layers.0.input_layernorm.weight"] is plan.Action.FINETUNED
+    assert actions["model.position_ids"] is plan.Action.COPY
     with pytest.raises(UsageError):
         run(b, f, tmp_path / "o2", keep_base=("*norm*",), keep_finetuned=("model.norm*",))
 

@@ -26,8 +26,10 @@ from typing import Any
 import pytest
 import torch
 
-from fapm_cli import engine, writer
+from fapm_cli import plan
 from fapm_cli.errors import ExitCode, InputError, ResourceError
+from fapm_cli.io import writer
+from fapm_cli.verbs import prune as verbs_prune
 from tests.checkpoints import load_checkpoint, make_pair, tree_hash, write_checkpoint
 from tests.raw import TMP_MARK, stray_temps
 from tests.reference import reference_prune
@@ -171,7 +173,7 @@ def test_disk_full_in_process_removes_the_temporary_output(
     monkeypatch.setattr(writer, "os", fake_os)
     out = tmp_path / "out"
     with pytest.raises(ResourceError) as info:
-        engine.prune(str(b), str(f), str(out), engine.PruneOptions(), max_shard_size=3000)
+        verbs_prune.prune(str(b), str(f), str(out), plan.PruneOptions(), max_shard_size=3000)
     assert info.value.exit_code == ExitCode.RESOURCES
     assert "No space left on device" in info.value.message
     assert budget["left"] < 6000  # it did write, then hit the wall
@@ -207,7 +209,7 @@ def test_signal_mid_run_leaves_nothing(
 # -- inputs changing under a run -----------------------------------------------------------------
 
 
-class OnFirstTensor(engine.Progress):
+class OnFirstTensor(plan.Progress):
     """Runs ``action`` once, after the first tensor has been written: mid-run, deterministically."""
 
     def __init__(self, action: Callable[[], None]) -> None:
@@ -240,8 +242,8 @@ def test_shard_damaged_mid_run_is_a_clean_error(
 
     out = tmp_path / "out"
     with pytest.raises(InputError) as info:
-        engine.prune(
-            str(b), str(f), str(out), engine.PruneOptions(), progress=OnFirstTensor(strike)
+        verbs_prune.prune(
+            str(b), str(f), str(out), plan.PruneOptions(), progress=OnFirstTensor(strike)
         )
     assert info.value.exit_code == ExitCode.INPUT
     assert victim.name in info.value.message
@@ -258,8 +260,8 @@ def test_shard_deleted_while_open_still_gives_the_right_result(tmp_path: Path) -
     f = write_checkpoint(tmp_path / "ft", ft)  # one shard: open from the first tensor on
     shard = f / "model.safetensors"
     out = tmp_path / "out"
-    engine.prune(
-        str(b), str(f), str(out), engine.PruneOptions(), progress=OnFirstTensor(shard.unlink)
+    verbs_prune.prune(
+        str(b), str(f), str(out), plan.PruneOptions(), progress=OnFirstTensor(shard.unlink)
     )
     assert not shard.exists()
     got = load_checkpoint(out)

@@ -31,11 +31,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from typer.testing import CliRunner
 
-from fapm_cli import engine
+from fapm_cli import plan
 from fapm_cli.cli.app import app
 from fapm_cli.errors import ExitCode, FapmError
-from fapm_cli.reader import TensorReader, open_checkpoint
-from fapm_cli.sources import resolve_source
+from fapm_cli.io.reader import TensorReader, open_checkpoint
+from fapm_cli.io.sources import resolve_source
+from fapm_cli.verbs import prune as verbs_prune
 from tests.raw import encode, stray_temps
 from tests.reference import reference_mask
 
@@ -130,8 +131,8 @@ def check_prune(root: Path, ft_source: Path, oracle: dict[str, torch.Tensor] | N
     out = root / "out"
     error: FapmError | None = None
     try:
-        engine.prune(
-            str(base_path), str(ft_source), str(out), engine.PruneOptions(sparsity=SPARSITY)
+        verbs_prune.prune(
+            str(base_path), str(ft_source), str(out), plan.PruneOptions(sparsity=SPARSITY)
         )
     except FapmError as err:
         error = err

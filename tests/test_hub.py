@@ -21,12 +21,14 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from fapm_cli import engine, hub_source
+from fapm_cli import plan
 from fapm_cli.cli.app import app
 from fapm_cli.errors import InputError, ResourceError, UsageError
-from fapm_cli.header import DTYPES, PlannedTensor, TensorInfo, read_header
-from fapm_cli.reader import TensorRef, open_checkpoint
-from fapm_cli.sources import LocalDir, resolve_source
+from fapm_cli.io import hub as hub_source
+from fapm_cli.io.header import DTYPES, PlannedTensor, TensorInfo, read_header
+from fapm_cli.io.reader import TensorRef, open_checkpoint
+from fapm_cli.io.sources import LocalDir, resolve_source
+from fapm_cli.verbs import prune as verbs_prune
 from tests.checkpoints import load_checkpoint, make_pair, write_checkpoint
 from tests.hub_server import Blob, FakeHub, etag_of
 from tests.reference import reference_prune
@@ -372,7 +374,9 @@ def test_disk_budget_smaller_than_one_checkpoint(
 
     monkeypatch.setattr(hub_source.HubSource, "local_path", measured)
     out = tmp_path / "o"
-    report = engine.prune("org/base", "org/ft", str(out), engine.PruneOptions(), disk_budget=budget)
+    report = verbs_prune.prune(
+        "org/base", "org/ft", str(out), plan.PruneOptions(), disk_budget=budget
+    )
     assert_same_tensors(load_checkpoint(out), local_run(tmp_path, repos["base"], repos["ft"]))
     assert len(hub.downloads()) == 2 * len(shard_sizes)  # every shard fetched exactly once
     assert peaks and max(peaks) <= budget + max(shard_sizes)
@@ -422,11 +426,11 @@ def test_disk_budget_with_one_hub_side_needs_one_shard_at_a_time(
     assert_same_tensors(load_checkpoint(out), local_run(tmp_path, repos["base"], repos["ft"]))
 
 
-def _item(name: str, base_shard: str | None, ft_shard: str | None) -> engine.Item:
+def _item(name: str, base_shard: str | None, ft_shard: str | None) -> plan.Item:
     info = TensorInfo(name, DTYPES["F32"], (4,), 0, 16)
-    return engine.Item(
+    return plan.Item(
         name,
-        engine.Action.PRUNE,
+        plan.Action.PRUNE,
         TensorRef(base_shard, info) if base_shard else None,
         TensorRef(ft_shard, info) if ft_shard else None,
         PlannedTensor(name, DTYPES["F32"], (4,)),
@@ -441,10 +445,10 @@ def test_order_for_disk_groups_tensors_by_shard() -> None:
     def cost(side: str, shard: str) -> int:
         return 100 if side == "base" else 0
 
-    assert engine.disk_needed(items, cost) == 100  # b1 still held when b2 is fetched
-    ordered = engine.order_for_disk(items, cost, budget=0)
+    assert plan.disk_needed(items, cost) == 100  # b1 still held when b2 is fetched
+    ordered = plan.order_for_disk(items, cost, budget=0)
     assert [i.name for i in ordered] == ["t1", "t3", "t2", "t4"]
-    assert engine.disk_needed(ordered, cost) == 0
+    assert plan.disk_needed(ordered, cost) == 0
 
 
 def test_order_for_disk_keeps_aligned_shards_and_refuses_too_small_budgets() -> None:
@@ -453,9 +457,9 @@ def test_order_for_disk_keeps_aligned_shards_and_refuses_too_small_budgets() -> 
     def cost(side: str, shard: str) -> int:
         return {"b1": 70, "f1": 100, "b2": 50, "f2": 60}[shard]
 
-    assert engine.order_for_disk(items, cost, budget=70) == items  # f1 fetched while b1 held
+    assert plan.order_for_disk(items, cost, budget=70) == items  # f1 fetched while b1 held
     with pytest.raises(ResourceError) as err:
-        engine.order_for_disk(items, cost, budget=69)
+        plan.order_for_disk(items, cost, budget=69)
     assert "at least 70 bytes" in (err.value.hint or "")
 
 

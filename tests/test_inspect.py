@@ -14,10 +14,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fapm_cli import engine
+from fapm_cli import plan
 from fapm_cli.errors import MismatchError
-from fapm_cli.reader import open_checkpoint
-from fapm_cli.sources import resolve_source
+from fapm_cli.io.reader import open_checkpoint
+from fapm_cli.io.sources import resolve_source
+from fapm_cli.verbs import prune as verbs_prune
 from tests.checkpoints import make_pair, write_checkpoint
 
 runner = CliRunner()
@@ -193,10 +194,10 @@ def test_compare_gates_exactly_what_prune_refuses(tmp_path: Path, case: str) -> 
     refuses = _mutations()[case][1]
     # prune's own verdict, from its planner with default options
     try:
-        engine.plan_prune(
+        plan.plan_prune(
             open_checkpoint(resolve_source(str(b))),
             open_checkpoint(resolve_source(str(f))),
-            engine.PruneOptions(),
+            plan.PruneOptions(),
         )
         prune_refused = False
     except MismatchError:
@@ -250,7 +251,7 @@ def fapm_output(tmp_path: Path) -> Path:
     b = write_checkpoint(tmp_path / "b", base)
     f = write_checkpoint(tmp_path / "f", ft)
     out = tmp_path / "out"
-    engine.prune(str(b), str(f), str(out), engine.PruneOptions(), max_shard_size=2000)
+    verbs_prune.prune(str(b), str(f), str(out), plan.PruneOptions(), max_shard_size=2000)
     return out
 
 

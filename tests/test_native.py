@@ -1,4 +1,4 @@
-"""The C kernels (fapm_cli/_kernels.c) against the torch path, and the reader's buffer ring.
+"""The C kernels (fapm_cli/compute/_kernels.c) against the torch path, and the reader's buffer ring.
 
 The torch path is itself checked against the naive reference elsewhere (test_engine,
 test_perf_paths run on both paths); here each kernel is compared with the torch operations it
@@ -16,9 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fapm_cli import engine, native, scoring
-from fapm_cli.reader import BufferPool
-from fapm_cli.scoring import Method
+from fapm_cli import plan
+from fapm_cli.compute import native, scoring
+from fapm_cli.compute import prune as compute_prune
+from fapm_cli.io.reader import BufferPool
+from fapm_cli.plan import Method
+from fapm_cli.verbs import prune as verbs_prune
 from tests.checkpoints import load_checkpoint, write_checkpoint
 from tests.reference import reference_mask
 
@@ -148,7 +151,7 @@ def test_engine_output_is_the_same_on_both_paths(
 ) -> None:
     """Whole runs, many output chunks and ties across chunk borders: same files, byte for
     byte, with and without the kernels (the ring buffer in use on both)."""
-    monkeypatch.setattr(engine, "NATIVE_OUT_CHUNK", 1000)
+    monkeypatch.setattr(compute_prune, "NATIVE_OUT_CHUNK", 1000)
     monkeypatch.setattr(scoring, "FUSED_CHUNK", 1500)
     gen = torch.Generator().manual_seed(5)
     base, ft = {}, {}
@@ -161,10 +164,10 @@ def test_engine_output_is_the_same_on_both_paths(
         base[f"t{i}"], ft[f"t{i}"] = b, f
     bd = write_checkpoint(tmp_path / "b", base, shard_bytes=30_000)
     fd = write_checkpoint(tmp_path / "f", ft, shard_bytes=20_000)
-    opts = engine.PruneOptions(sparsity=Fraction(sparsity))
-    engine.prune(str(bd), str(fd), str(tmp_path / "native"), opts)
+    opts = plan.PruneOptions(sparsity=Fraction(sparsity))
+    verbs_prune.prune(str(bd), str(fd), str(tmp_path / "native"), opts)
     monkeypatch.setenv(native.ENV, "0")
-    engine.prune(str(bd), str(fd), str(tmp_path / "torch"), opts)
+    verbs_prune.prune(str(bd), str(fd), str(tmp_path / "torch"), opts)
     for shard in sorted((tmp_path / "torch").iterdir()):
         assert (tmp_path / "native" / shard.name).read_bytes() == shard.read_bytes(), shard
     got = load_checkpoint(tmp_path / "native")  # and both are the reference's output
@@ -269,13 +272,13 @@ def test_no_scoring_thread_outlives_a_run(tmp_path: Path, monkeypatch: pytest.Mo
     ThreadPoolExecutor.submit can leave with a thread it never wakes: the process then hangs
     at exit (seen once in test_faults' SIGTERM case)."""
     monkeypatch.setattr(scoring, "score_workers", lambda: 2)
-    monkeypatch.setattr(engine, "NATIVE_OUT_CHUNK", 1000)
+    monkeypatch.setattr(compute_prune, "NATIVE_OUT_CHUNK", 1000)
     gen = torch.Generator().manual_seed(9)
     b = (torch.randn(20_000, generator=gen) * 0.02).to(torch.bfloat16)
     f = (b.float() + torch.randn(20_000, generator=gen) * 5e-4).to(torch.bfloat16)
     bd = write_checkpoint(tmp_path / "b", {"w": b})
     fd = write_checkpoint(tmp_path / "f", {"w": f})
     before = set(threading.enumerate())  # other tests' leftovers are not this run's
-    engine.prune(str(bd), str(fd), str(tmp_path / "o"), engine.PruneOptions())
+    verbs_prune.prune(str(bd), str(fd), str(tmp_path / "o"), plan.PruneOptions())
     left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
     assert left == []

@@ -1,4 +1,5 @@
-"""`fapm prune --part I/N` then `--finalize`: the parts together are a single run, bit for bit."""
+"""`--part I/N` then `--finalize` (prune in every form, diff, merge): the parts together are a
+single run, bit for bit."""
 
 from __future__ import annotations
 
@@ -191,17 +192,77 @@ def test_bad_part_spec_is_a_usage_error(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft"]  # nothing made
 
 
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (("--part", "1/2", "--finalize"), "separate runs"),
-        (("--part", "1/2", "--save", "task-vector"), "--finetuned and --save model only"),
-        (("--finalize", "--save", "task-vector"), "--finetuned and --save model only"),
-    ],
-)
-def test_part_flag_clashes(
-    tmp_path: Path, pair_dirs: tuple[Path, Path], extra: tuple[str, ...], message: str
+@pytest.mark.parametrize("command", ["prune", "diff", "merge"])
+def test_part_and_finalize_go_in_separate_runs(
+    tmp_path: Path, pair_dirs: tuple[Path, Path], command: str
 ) -> None:
     b, f = pair_dirs
-    code, _, err = run(*prune_args(b, f, tmp_path / "o", *extra))
-    assert code == 2 and message in err
+    args = [command, "-b", str(b), "-f", str(f), "-o", str(tmp_path / "o")]
+    code, _, err = run(*args, "--part", "1/2", "--finalize")
+    assert code == 2 and "separate runs" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft"]  # nothing made
+
+
+def split_equals_single(tmp_path: Path, args: list[str], n: int) -> dict[str, str]:
+    """Run ``args`` once whole and once as ``n`` parts + --finalize; both trees, equal."""
+    single, joined = tmp_path / "single", tmp_path / "joined"
+    args = [*args, "-q", "--max-shard-size", "400B" if "compact" in args else "1500B"]
+    code, _, err = run(*args, "-o", str(single))
+    assert code == 0, err
+    for i in range(1, n + 1):
+        code, _, err = run(*args, "-o", str(joined), "--part", f"{i}/{n}")
+        assert code == 0, err
+        assert not joined.exists()
+    code, _, err = run(*args, "-o", str(joined), "--finalize")
+    assert code == 0, err
+    expected = tree_hash(single)
+    assert len([p for p in expected if p.endswith(".safetensors")]) >= 3  # really sharded
+    assert tree_hash(joined) == expected
+    assert not (tmp_path / "joined.fapm-parts").exists()
+    return expected
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize(
+    "form",
+    [
+        ("prune", "--save", "task-vector"),
+        ("prune", "--save", "task-vector", "--format", "compact", "-m", "magnitude"),
+        ("prune", "-m", "random", "--seed", "3", "--save", "task-vector"),
+        ("diff",),
+        ("merge", "-s", "0.7"),
+    ],
+)
+def test_every_writing_command_splits_bit_for_bit(
+    tmp_path: Path, pair_dirs: tuple[Path, Path], form: tuple[str, ...], n: int
+) -> None:
+    b, f = pair_dirs
+    command, *extra = form
+    split_equals_single(tmp_path, [command, "-b", str(b), "-f", str(f), *extra], n)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_prune_of_a_task_vector_and_merge_of_two_split_bit_for_bit(
+    tmp_path: Path, pair_dirs: tuple[Path, Path], n: int
+) -> None:
+    b, f = pair_dirs
+    tv = tmp_path / "tv"
+    assert run("diff", "-b", str(b), "-f", str(f), "-o", str(tv), "-q")[0] == 0
+    split_equals_single(tmp_path / "p", ["prune", "-b", str(b), "-t", str(tv)], n)
+    merged = ["merge", "-b", str(b), "-t", str(tv), "-f", str(f), "-w", "0.5", "-w", "0.25"]
+    split_equals_single(tmp_path / "m", merged, n)
+
+
+def test_finalize_of_a_task_vector_reports_every_part(
+    tmp_path: Path, pair_dirs: tuple[Path, Path]
+) -> None:
+    b, f = pair_dirs
+    args = ["diff", "-b", str(b), "-f", str(f), "--max-shard-size", "1500B"]
+    code, out, _ = run(*args, "-o", str(tmp_path / "single"), "--json")
+    assert code == 0
+    for i in (1, 2):
+        assert run(*args, "-o", str(tmp_path / "o"), "--part", f"{i}/2", "-q")[0] == 0
+    code, joined, err = run(*args, "-o", str(tmp_path / "o"), "--finalize", "--json")
+    assert code == 0, err
+    keys = ("totals", "tensors", "shards", "exact")
+    assert {k: json.loads(joined)[k] for k in keys} == {k: json.loads(out)[k] for k in keys}

@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fapm_cli import engine, scoring
-from fapm_cli.scoring import Method
+from fapm_cli import errors, plan
+from fapm_cli.compute import prune as compute_prune
+from fapm_cli.compute import scoring
+from fapm_cli.plan import Method
+from fapm_cli.verbs import prune as verbs_prune
 from tests.checkpoints import load_checkpoint, write_checkpoint
 from tests.reference import reference_mask, reference_prune
 
@@ -32,8 +35,8 @@ def _bf16_pair(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return b.to(torch.bfloat16), f.to(torch.bfloat16)
 
 
-def _mask_from_engine(b: torch.Tensor, f: torch.Tensor, opts: engine.PruneOptions) -> torch.Tensor:
-    parts = [m for _, _, m in engine.iter_keep_masks("t", b, f, opts)]
+def _mask_from_engine(b: torch.Tensor, f: torch.Tensor, opts: plan.PruneOptions) -> torch.Tensor:
+    parts = [m for _, _, m in compute_prune.iter_keep_masks("t", b, f, opts)]
     return torch.cat(parts)
 
 
@@ -48,7 +51,7 @@ def test_fused_masks_equal_reference_on_tied_bf16(
     # Several fused chunks, a partial last one, and many exact ties at the threshold.
     n = 3 * scoring.FUSED_CHUNK + 12345
     b, f = _bf16_pair(n)
-    opts = engine.PruneOptions(method=Method(method), sparsity=Fraction(sparsity))
+    opts = plan.PruneOptions(method=Method(method), sparsity=Fraction(sparsity))
     mask = _mask_from_engine(b, f, opts)
     expected = reference_mask(b, f, Fraction(sparsity), method)
     assert int(mask.sum()) == int(expected.sum())
@@ -61,7 +64,7 @@ def test_fused_masks_equal_reference_float32_and_float64() -> None:
         b = torch.randn(scoring.FUSED_CHUNK + 7, generator=gen, dtype=dtype) * 0.02
         f = b + torch.randn(b.numel(), generator=gen, dtype=dtype) * 1e-3
         f[5::11] = b[5::11]  # no update: many zero scores tie
-        opts = engine.PruneOptions(sparsity=Fraction(3, 4))
+        opts = plan.PruneOptions(sparsity=Fraction(3, 4))
         assert torch.equal(
             _mask_from_engine(b, f, opts), reference_mask(b, f, Fraction(3, 4), "fapm")
         )
@@ -91,8 +94,8 @@ def test_nan_is_refused_from_a_scoring_worker(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(scoring, "score_workers", lambda: 2)
     b, f = _bf16_pair(3 * scoring.FUSED_CHUNK)
     f[2 * scoring.FUSED_CHUNK + 5] = float("nan")  # in the third chunk: the first worker's
-    opts = engine.PruneOptions(sparsity=Fraction(9, 10))
-    with pytest.raises(engine.InputError, match="NaN"):
+    opts = plan.PruneOptions(sparsity=Fraction(9, 10))
+    with pytest.raises(errors.InputError, match="NaN"):
         _mask_from_engine(b, f, opts)
 
 
@@ -102,18 +105,18 @@ def test_nan_in_input_is_still_refused_by_the_fused_pass() -> None:
     b, f = _bf16_pair(scoring.FUSED_CHUNK + 5)
     f[scoring.FUSED_CHUNK + 2] = float("nan")
     with pytest.raises(InputError, match="finetuned contains NaN"):
-        _mask_from_engine(b, f, engine.PruneOptions())
+        _mask_from_engine(b, f, plan.PruneOptions())
     b2, f2 = _bf16_pair(1000)
     b2[7] = float("inf")
     with pytest.raises(InputError, match="base contains NaN"):
-        _mask_from_engine(b2, f2, engine.PruneOptions())
+        _mask_from_engine(b2, f2, plan.PruneOptions())
 
 
 def test_overflowing_tau_squared_is_not_mistaken_for_inf() -> None:
     # tau^2 overflows float32 although every input is finite: scored like the reference.
     b = torch.tensor([1e30, -2e30, 3.0, 4.0], dtype=torch.float32)
     f = torch.tensor([-1e30, 2e30, 3.5, 4.0], dtype=torch.float32)
-    opts = engine.PruneOptions(method=Method.MAGNITUDE, sparsity=Fraction(1, 2))
+    opts = plan.PruneOptions(method=Method.MAGNITUDE, sparsity=Fraction(1, 2))
     assert torch.equal(
         _mask_from_engine(b, f, opts), reference_mask(b, f, Fraction(1, 2), "magnitude")
     )
@@ -162,7 +165,7 @@ def test_pipelined_run_equals_sequential_run(tmp_path: Path) -> None:
     results = {}
     for prefetch in (True, False):
         out = tmp_path / f"out-{prefetch}"
-        report = engine.prune(str(bdir), str(fdir), str(out), engine.PruneOptions(),
+        report = verbs_prune.prune(str(bdir), str(fdir), str(out), plan.PruneOptions(),
                               max_shard_size=800_000, prefetch=prefetch)  # fmt: skip
         results[prefetch] = (_files(out), [(r.name, r.kept, r.sq_norm) for r in report.tensors])
     assert results[True] == results[False]

@@ -8,9 +8,10 @@ from fractions import Fraction
 import pytest
 import torch
 
-from fapm_cli import scoring
-from fapm_cli.engine import PruneOptions, iter_keep_masks
-from fapm_cli.scoring import Method
+from fapm_cli import plan
+from fapm_cli.compute import scoring
+from fapm_cli.compute.prune import iter_keep_masks
+from fapm_cli.plan import Method, PruneOptions
 
 # ../shared/METHOD.md, "Worked example (float32)"
 W_PRE = torch.tensor([[0.020, -0.001, 0.015, 0.030], [0.005, -0.025, 0.0005, 0.010]])
@@ -51,18 +52,18 @@ def test_worked_example_selection(method: Method, sparsity: str, expected: set[i
 
 
 def test_keep_count_is_exact() -> None:
-    assert scoring.keep_count(10, Fraction("0.9")) == 1  # float math gives 0.9999... -> 0
+    assert plan.keep_count(10, Fraction("0.9")) == 1  # float math gives 0.9999... -> 0
     assert 10 * (1 - 0.9) < 1  # the trap the exact computation avoids
-    assert scoring.keep_count(7, Fraction("0.5")) == 3
-    assert scoring.keep_count(1, Fraction("0.9")) == 0
-    assert scoring.keep_count(5, Fraction(0)) == 5
-    assert scoring.keep_count(5, Fraction(1)) == 0
+    assert plan.keep_count(7, Fraction("0.5")) == 3
+    assert plan.keep_count(1, Fraction("0.9")) == 0
+    assert plan.keep_count(5, Fraction(0)) == 5
+    assert plan.keep_count(5, Fraction(1)) == 0
 
 
 @pytest.mark.parametrize("text", ["-0.1", "1.5", "abc", "nan"])
 def test_parse_sparsity_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="sparsity"):
-        scoring.parse_sparsity(text)
+        plan.parse_sparsity(text)
 
 
 def test_zero_base_scores_minus_inf() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fapm_cli import engine
-from fapm_cli.engine import PruneOptions
+from fapm_cli.plan import PruneOptions
+from fapm_cli.verbs import prune as verbs_prune
 from tests.reference import reference_prune
 
 transformers = pytest.importorskip("transformers")
@@ -36,7 +36,7 @@ def test_pruned_llama_loads_and_matches_in_memory_pruning(
     ft.save_pretrained(tmp_path / "ft", max_shard_size="50KB")
     sd_ft = {k: v.clone() for k, v in ft.state_dict().items()}
 
-    engine.prune(
+    verbs_prune.prune(
         str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "out"),
         PruneOptions(sparsity=Fraction(9, 10)), max_shard_size=30_000,
     )  # fmt: skip

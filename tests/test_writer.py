@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fapm_cli.header import DTYPES, PlannedTensor, read_header
-from fapm_cli.writer import CheckpointWriter, parse_size, plan_shards, shard_names
+from fapm_cli.io.header import DTYPES, PlannedTensor, read_header
+from fapm_cli.io.writer import CheckpointWriter, parse_size, plan_shards, shard_names
 
 TENSORS = {
     "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),

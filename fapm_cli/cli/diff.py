@@ -9,16 +9,21 @@ import typer
 from fapm_cli.cli.boundary import boundary
 from fapm_cli.cli.options import (
     BaseOpt,
+    DiskBudgetOpt,
+    FinalizeOpt,
     FinetunedOpt,
     JsonOpt,
     MaxShardOpt,
     OutputOpt,
     OverwriteOpt,
+    PartOpt,
     QuietOpt,
     ThreadsOpt,
+    default_threads,
     exit_codes,
+    parse_part,
+    parse_size_option,
     quiet_libraries,
-    set_threads,
 )
 from fapm_cli.errors import UsageError
 
@@ -50,10 +55,13 @@ def diff(
         ),
     ] = None,
     max_shard_size: MaxShardOpt = "5GB",
+    disk_budget: DiskBudgetOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     threads: ThreadsOpt = None,
+    part: PartOpt = None,
+    finalize: FinalizeOpt = False,
 ) -> None:
     """Write the task vector tau = finetuned - base (same tensor names and shapes).
 
@@ -62,31 +70,38 @@ def diff(
     tensor no float delta can reproduce (negative zeros, huge exponent gaps) is stored as
     finetuned's values, as are integer tensors. See docs/formats.md.
     """
-    from fapm_cli import merging, report
-    from fapm_cli.header import parse_dtype
-    from fapm_cli.writer import parse_size
+    from fapm_cli.io.header import parse_dtype
+    from fapm_cli.report.console import BarProgress, show
+    from fapm_cli.report.prune import diff_json, print_diff
+    from fapm_cli.verbs.diff import diff as run
 
+    split = parse_part(part, finalize)
+    shard_bytes = parse_size_option(max_shard_size, "diff")
+    assert shard_bytes is not None
+    budget_bytes = parse_size_option(disk_budget, "diff")
     try:
-        shard_bytes = parse_size(max_shard_size)
         delta_dtype = parse_dtype(dtype) if dtype else None
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm diff --help") from err
-    set_threads(threads)
-    quiet_libraries(quiet)
-    result = merging.diff(
-        base,
-        finetuned,
-        output,
-        dtype=delta_dtype,
-        max_shard_size=shard_bytes,
-        overwrite=overwrite,
-        progress=report.BarProgress(enabled=not quiet and not json_out),
-    )
-    report.show(
+    with quiet_libraries(quiet):
+        result = run(
+            base,
+            finetuned,
+            output,
+            dtype=delta_dtype,
+            max_shard_size=shard_bytes,
+            overwrite=overwrite,
+            progress=BarProgress(enabled=not quiet and not json_out),
+            disk_budget=budget_bytes,
+            part=split,
+            finalize=finalize,
+            threads=default_threads(threads),
+        )
+    show(
         result.warnings,
         result,
         json_out=json_out,
         quiet=quiet,
-        as_json=report.diff_json,
-        as_table=report.print_diff,
+        as_json=diff_json,
+        as_table=print_diff,
     )

@@ -14,7 +14,7 @@ from fapm_cli.cli.options import JsonOpt, QuietOpt, quiet_libraries
 from fapm_cli.errors import InputError, MismatchError
 
 if TYPE_CHECKING:
-    from fapm_cli.inspection import Comparison
+    from fapm_cli.verbs.inspect import Comparison, Inspection, Verification
 
 EPILOG = """\
 Examples:
@@ -80,30 +80,17 @@ def inspect(
 
     Reads no tensor data (except with --verify), so it is instant on any size of model.
     """
-    from fapm_cli import inspection, report
-    from fapm_cli.reader import open_checkpoint
-    from fapm_cli.sources import resolve_source
-
-    quiet_libraries(quiet)
+    from fapm_cli.report import inspect as report
+    from fapm_cli.report.console import emit_json
+    from fapm_cli.verbs import inspect as inspection
 
     inspection.compile_match(match)  # a bad regex is a usage error before any reading
-    checkpoint = open_checkpoint(resolve_source(source))
-    result = inspection.inspect(checkpoint, tensors=tensors, match=match)
-    comparison = None
-    if compare is not None:
-        other = open_checkpoint(resolve_source(compare))
-        comparison = inspection.compare(checkpoint, other)
-    verification = None
-    if verify:
-        bar = report.BarProgress(enabled=not quiet and not json_out)
-        bar.start(inspection.shard_bytes(checkpoint), "verify")
-        try:
-            verification = inspection.verify(checkpoint, bar.advance)
-        finally:
-            bar.close()
-
+    with quiet_libraries(quiet):
+        result, comparison, verification = _read(
+            source, compare, verify, tensors, match, enabled=not quiet and not json_out
+        )
     if json_out:
-        report.emit_json(report.inspect_json(result, comparison, verification))
+        emit_json(report.inspect_json(result, comparison, verification))
     elif not quiet:
         report.print_inspection(result)
         if comparison is not None:
@@ -127,7 +114,7 @@ def inspect(
 
 
 def _refusal(c: Comparison) -> str:
-    from fapm_cli.inspection import names_preview
+    from fapm_cli.verbs.inspect import names_preview
 
     parts = []
     if c.only_a:
@@ -141,3 +128,35 @@ def _refusal(c: Comparison) -> str:
             f"{len(refused)} mismatched tensor(s), first {d.name!r}: {d.kind.value} {d.a} vs {d.b}"
         )
     return "prune would refuse this pair: " + "; ".join(parts)
+
+
+def _read(
+    source: str,
+    compare: str | None,
+    verify: bool,
+    tensors: bool,
+    match: str | None,
+    *,
+    enabled: bool,
+) -> tuple[Inspection, Comparison | None, Verification | None]:
+    """The inspection of ``source``, and its comparison and verification when asked."""
+    from fapm_cli.io.reader import open_checkpoint
+    from fapm_cli.io.sources import resolve_source
+    from fapm_cli.report.console import BarProgress
+    from fapm_cli.verbs import inspect as inspection
+
+    checkpoint = open_checkpoint(resolve_source(source))
+    result = inspection.inspect(checkpoint, tensors=tensors, match=match)
+    comparison = None
+    if compare is not None:
+        other = open_checkpoint(resolve_source(compare))
+        comparison = inspection.compare(checkpoint, other)
+    verification = None
+    if verify:
+        bar = BarProgress(enabled=enabled)
+        bar.start(inspection.shard_bytes(checkpoint), "verify")
+        try:
+            verification = inspection.verify(checkpoint, bar.advance)
+        finally:
+            bar.close()
+    return result, comparison, verification

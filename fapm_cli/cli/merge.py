@@ -11,19 +11,24 @@ from fapm_cli.cli.options import (
     BaseOpt,
     DeviceChoice,
     DeviceOpt,
+    DiskBudgetOpt,
+    FinalizeOpt,
     JsonOpt,
     MaxShardOpt,
-    MethodChoice,
     OutputOpt,
     OverwriteOpt,
+    PartOpt,
     QuietOpt,
     ThreadsOpt,
+    default_threads,
     exit_codes,
+    parse_part,
+    parse_size_option,
     quiet_libraries,
-    set_threads,
     use_device,
 )
 from fapm_cli.errors import UsageError
+from fapm_cli.plan import Method
 
 EPILOG = """\
 Examples:
@@ -87,9 +92,9 @@ def merge(
         ),
     ] = None,
     method: Annotated[
-        MethodChoice,
+        Method,
         typer.Option("--method", "-m", help="With --finetuned: how updates are ranked."),
-    ] = MethodChoice.fapm,
+    ] = Method.FAPM,
     lam: Annotated[
         float,
         typer.Option("--lam", min=0.0, help="With --finetuned: fapm's relative-change weight."),
@@ -108,11 +113,14 @@ def merge(
         ),
     ] = None,
     max_shard_size: MaxShardOpt = "5GB",
+    disk_budget: DiskBudgetOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = DeviceChoice.cpu,
+    part: PartOpt = None,
+    finalize: FinalizeOpt = False,
 ) -> None:
     """Write base + sum_i w_i * tau_i in one streaming pass.
 
@@ -121,9 +129,12 @@ def merge(
     for bit); otherwise the sum is taken in float32 and rounded once. Entries no input touches
     keep base's bytes. Inputs that do not pair with base are refused before any tensor is read.
     """
-    from fapm_cli import engine, merging, report, scoring
-    from fapm_cli.header import parse_dtype
-    from fapm_cli.writer import parse_size
+    from fapm_cli.io.header import parse_dtype
+    from fapm_cli.plan import TASK_VECTOR_KIND, PruneOptions, parse_sparsity
+    from fapm_cli.records import MergeInput
+    from fapm_cli.report.console import BarProgress, show
+    from fapm_cli.report.merge import merge_json, print_merge
+    from fapm_cli.verbs.merge import merge as run
 
     tvs, fts, ws = list(task_vectors or ()), list(finetuned or ()), list(weights or ())
     n = len(tvs) + len(fts)
@@ -141,39 +152,46 @@ def merge(
         )
     if any(w != w or w in (float("inf"), float("-inf")) for w in ws):
         raise UsageError("--weight must be a finite number")
+    split = parse_part(part, finalize)
     try:
-        frac = scoring.parse_sparsity(sparsity if sparsity is not None else "0.9")
-        shard_bytes = parse_size(max_shard_size)
+        frac = parse_sparsity(sparsity if sparsity is not None else "0.9")
+    except ValueError as err:
+        raise UsageError(str(err), hint="see fapm merge --help") from err
+    shard_bytes = parse_size_option(max_shard_size, "merge")
+    assert shard_bytes is not None
+    budget_bytes = parse_size_option(disk_budget, "merge")
+    try:
         out_dtype = parse_dtype(dtype) if dtype else None
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm merge --help") from err
-    set_threads(threads)
-    quiet_libraries(quiet)
-    use_device(device)
     full = ws * n if len(ws) == 1 else ws or [1.0] * n
-    kinds = [merging.TASK_VECTOR_KIND] * len(tvs) + ["finetuned"] * len(fts)
+    kinds = [TASK_VECTOR_KIND] * len(tvs) + ["finetuned"] * len(fts)
     inputs = [
-        merging.MergeInput(kind, source, weight)
+        MergeInput(kind, source, weight)
         for kind, source, weight in zip(kinds, tvs + fts, full, strict=True)
     ]
-    opts = engine.PruneOptions(
-        method=scoring.Method(method.value), sparsity=frac, lam=lam, seed=seed
-    )
-    result = merging.merge(
-        base,
-        output,
-        inputs,
-        opts=opts,
-        dtype=out_dtype,
-        max_shard_size=shard_bytes,
-        overwrite=overwrite,
-        progress=report.BarProgress(enabled=not quiet and not json_out),
-    )
-    report.show(
+    opts = PruneOptions(method=method, sparsity=frac, lam=lam, seed=seed)
+    with quiet_libraries(quiet):
+        result = run(
+            base,
+            output,
+            inputs,
+            opts=opts,
+            dtype=out_dtype,
+            max_shard_size=shard_bytes,
+            overwrite=overwrite,
+            progress=BarProgress(enabled=not quiet and not json_out),
+            disk_budget=budget_bytes,
+            part=split,
+            finalize=finalize,
+            device=use_device(device),
+            threads=default_threads(threads),
+        )
+    show(
         result.warnings,
         result,
         json_out=json_out,
         quiet=quiet,
-        as_json=report.merge_json,
-        as_table=report.print_merge,
+        as_json=merge_json,
+        as_table=print_merge,
     )

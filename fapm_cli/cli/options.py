@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fapm_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from fapm_cli.io.parts import Part
 
 BaseOpt = Annotated[
     str,
@@ -86,27 +91,38 @@ ThreadsOpt = Annotated[
 ]
 
 
-def quiet_libraries(quiet: bool) -> None:
-    """``--quiet``: the Hub client's own messages (retries, rate limits) are not printed either.
+@contextmanager
+def quiet_libraries(quiet: bool) -> Iterator[None]:
+    """``--quiet``: the Hub client's own messages (retries, rate limits) are not printed either,
+    for the duration of the command (the logger level and ``HF_HUB_VERBOSITY`` are restored).
 
     huggingface_hub reads ``HF_HUB_VERBOSITY`` when it sets up its logger (it is imported only
     for Hub sources, after this); the level is also set in case it already was."""
-    if quiet:
-        os.environ["HF_HUB_VERBOSITY"] = "error"
-        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    if not quiet:
+        yield
+        return
+    logger = logging.getLogger("huggingface_hub")
+    level, env = logger.level, os.environ.get("HF_HUB_VERBOSITY")
+    os.environ["HF_HUB_VERBOSITY"] = "error"
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if env is None:
+            os.environ.pop("HF_HUB_VERBOSITY", None)
+        else:
+            os.environ["HF_HUB_VERBOSITY"] = env
 
 
-def set_threads(threads: int | None) -> None:
-    """Give torch ``threads`` threads, by default every core but one.
+def default_threads(threads: int | None) -> int:
+    """``--threads``, by default every core but one.
 
     The spare core reads the next tensor and hashes and writes the output; with every core in
     torch's pool its worker threads stall on each other whenever one core is busy with I/O
-    (docs/benchmarks.md: 79.7 s instead of 4.5 s on two cores)."""
-    import os
-
-    import torch
-
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
+    (docs/benchmarks.md: 79.7 s instead of 4.5 s on two cores). The command passes it to the
+    library call, which sets torch's thread count for the run and restores it afterwards."""
+    return threads or max(1, (os.cpu_count() or 1) - 1)
 
 
 class DeviceChoice(StrEnum):
@@ -126,10 +142,9 @@ DeviceOpt = Annotated[
 
 
 def use_device(choice: DeviceChoice) -> str:
-    """Point the scoring at ``choice`` (resolved: auto -> cuda or cpu) and return its name."""
+    """The device ``choice`` names (auto -> cuda or cpu), refused when torch has no CUDA; the
+    command passes it to the library call."""
     import torch
-
-    from fapm_cli import scoring
 
     if choice is DeviceChoice.cuda and not torch.cuda.is_available():
         why = (
@@ -142,11 +157,9 @@ def use_device(choice: DeviceChoice) -> str:
             hint="use --device cpu (or auto); for a GPU install a CUDA build of torch and "
             "check nvidia-smi and CUDA_VISIBLE_DEVICES",
         )
-    name = "cpu"
     if choice is DeviceChoice.cuda or (choice is DeviceChoice.auto and torch.cuda.is_available()):
-        name = "cuda"
-    scoring.set_device(name)
-    return name
+        return "cuda"
+    return "cpu"
 
 
 def exit_codes(mismatch: str = "base/finetuned mismatch") -> str:
@@ -158,15 +171,51 @@ def exit_codes(mismatch: str = "base/finetuned mismatch") -> str:
     )
 
 
-# Mirror of scoring.Method: the engine imports torch, and `fapm --help` must not.
-class MethodChoice(StrEnum):
-    fapm = "fapm"
-    magnitude = "magnitude"
-    ratio = "ratio"
-    random = "random"
-
-
 LamOpt = Annotated[
     float,
     typer.Option("--lam", min=0.0, help="Weight of the relative-change penalty in the fapm score."),
 ]
+
+PartOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--part",
+        metavar="I/N",
+        help="Write only part I of N (by output shard) into DIR.fapm-parts/, so N jobs "
+        "can share one run; then run the same command with --finalize instead. See "
+        "docs/scale.md.",
+        show_default=False,
+    ),
+]
+FinalizeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--finalize",
+        help="Join the parts written by --part runs with these arguments: check them, "
+        "write the index and config files, move the result to --output.",
+    ),
+]
+
+
+def parse_part(part: str | None, finalize: bool) -> Part | None:
+    """``--part I/N``, refused beside ``--finalize`` (they go in separate runs)."""
+    from fapm_cli.io.parts import Part
+
+    if part is not None and finalize:
+        raise UsageError(
+            "--part and --finalize go in separate runs",
+            hint="run each --part I/N, then the same command with --finalize and no --part",
+        )
+    return Part.parse(part) if part is not None else None
+
+
+def parse_size_option(text: str | None, command: str) -> int | None:
+    """A size option (--max-shard-size, --disk-budget) in bytes; None stays None."""
+    from fapm_cli.io.writer import parse_size
+
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise UsageError(str(err), hint=f"see fapm {command} --help") from err

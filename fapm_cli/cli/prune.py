@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -13,48 +12,24 @@ from fapm_cli.cli.options import (
     DeviceChoice,
     DeviceOpt,
     DiskBudgetOpt,
+    FinalizeOpt,
     JsonOpt,
     LamOpt,
     MaxShardOpt,
-    MethodChoice,
     OutputOpt,
     OverwriteOpt,
+    PartOpt,
     QuietOpt,
     ThreadsOpt,
+    default_threads,
     exit_codes,
+    parse_part,
+    parse_size_option,
     quiet_libraries,
-    set_threads,
     use_device,
 )
 from fapm_cli.errors import UsageError
-
-
-# Mirrors of the engine's enums: the engine imports torch, and `fapm --help` must not.
-class FinetunedOnlyChoice(StrEnum):
-    error = "error"
-    copy = "copy"
-
-
-class BaseOnlyChoice(StrEnum):
-    error = "error"
-    keep = "keep"
-
-
-class SaveChoice(StrEnum):
-    model = "model"
-    task_vector = "task-vector"
-
-
-class FormatChoice(StrEnum):
-    dense = "dense"
-    compact = "compact"
-
-
-class FilesFromChoice(StrEnum):
-    finetuned = "finetuned"
-    base = "base"
-    none = "none"
-
+from fapm_cli.plan import FilesFrom, Format, Method, OnBaseOnly, OnFinetunedOnly, Save
 
 EPILOG = """\
 Examples:
@@ -97,21 +72,21 @@ def prune(
         ),
     ] = None,
     save: Annotated[
-        SaveChoice,
+        Save,
         typer.Option(
             "--save",
             help="Write the merged model, or the pruned task vector (base + it = the model).",
         ),
-    ] = SaveChoice.model,
+    ] = Save.MODEL,
     fmt: Annotated[
-        FormatChoice,
+        Format,
         typer.Option(
             "--format",
             help="With --save task-vector: dense (same names and shapes, exact deltas) or "
             "compact (kept values + bitmask or indices; ranked methods only). See "
             "docs/formats.md.",
         ),
-    ] = FormatChoice.dense,
+    ] = Format.DENSE,
     sparsity: Annotated[
         str,
         typer.Option(
@@ -123,14 +98,14 @@ def prune(
         ),
     ] = "0.9",
     method: Annotated[
-        MethodChoice,
+        Method,
         typer.Option(
             "--method",
             "-m",
             help="Ranking: fapm (|tau| - lam*mean|base|*|tau|/|base|), magnitude (|tau|), "
             "ratio (-|tau|/|base|), or random (DARE: keep with probability 1-S, rescale).",
         ),
-    ] = MethodChoice.fapm,
+    ] = Method.FAPM,
     lam: LamOpt = 1.0,
     seed: Annotated[
         int, typer.Option("--seed", min=0, help="Seed of --method random (reproducible).")
@@ -156,18 +131,18 @@ def prune(
         ),
     ] = None,
     on_finetuned_only: Annotated[
-        FinetunedOnlyChoice,
+        OnFinetunedOnly,
         typer.Option(
             "--on-finetuned-only",
             help="Tensors only in finetuned: error, or copy them as they are.",
         ),
-    ] = FinetunedOnlyChoice.error,
+    ] = OnFinetunedOnly.ERROR,
     on_base_only: Annotated[
-        BaseOnlyChoice,
+        OnBaseOnly,
         typer.Option(
             "--on-base-only", help="Tensors only in base: error, or keep their base value."
         ),
-    ] = BaseOnlyChoice.error,
+    ] = OnBaseOnly.ERROR,
     dtype: Annotated[
         str | None,
         typer.Option(
@@ -180,37 +155,20 @@ def prune(
     ] = None,
     max_shard_size: MaxShardOpt = "5GB",
     files_from: Annotated[
-        FilesFromChoice,
+        FilesFrom,
         typer.Option(
             "--files-from",
             help="Where config, tokenizer and other non-weight files are copied from.",
         ),
-    ] = FilesFromChoice.finetuned,
+    ] = FilesFrom.FINETUNED,
     disk_budget: DiskBudgetOpt = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = DeviceChoice.cpu,
-    part: Annotated[
-        str | None,
-        typer.Option(
-            "--part",
-            metavar="I/N",
-            help="Write only part I of N (by output shard) into DIR.fapm-parts/, so N jobs "
-            "can share one prune; then run the same command with --finalize instead. See "
-            "docs/scale.md.",
-            show_default=False,
-        ),
-    ] = None,
-    finalize: Annotated[
-        bool,
-        typer.Option(
-            "--finalize",
-            help="Join the parts written by --part runs with these arguments: check them, "
-            "write the index and config files, move the result to --output.",
-        ),
-    ] = False,
+    part: PartOpt = None,
+    finalize: FinalizeOpt = False,
 ) -> None:
     """Prune a fine-tune's task vector with FAPM and write base + kept updates.
 
@@ -220,95 +178,61 @@ def prune(
     a task vector instead of a fine-tune; --save task-vector writes the pruned tau instead of
     the model.
     """
-    from fapm_cli import engine, merging, report, scoring
-    from fapm_cli.header import parse_dtype
-    from fapm_cli.taskvector import Format
-    from fapm_cli.writer import parse_size
+    from fapm_cli.io.header import parse_dtype
+    from fapm_cli.plan import PruneOptions, parse_sparsity
+    from fapm_cli.report.console import BarProgress, show
+    from fapm_cli.report.prune import print_prune, prune_json
+    from fapm_cli.verbs.prune import check_forms
+    from fapm_cli.verbs.prune import prune as run
 
-    if (finetuned is None) == (task_vector is None):
-        raise UsageError(
-            "give exactly one of --finetuned and --task-vector", hint="see fapm prune --help"
-        )
-    extended = task_vector is not None or save is not SaveChoice.model
-    if fmt is FormatChoice.compact and save is SaveChoice.model:
-        raise UsageError("--format compact needs --save task-vector", hint="see fapm prune --help")
-    if part is not None and finalize:
-        raise UsageError(
-            "--part and --finalize go in separate runs",
-            hint="run each --part I/N, then the same command with --finalize and no --part",
-        )
-    if extended and (part is not None or finalize):
-        raise UsageError(
-            "--part and --finalize work with --finetuned and --save model only",
-            hint="run the whole prune in one job, or save the model and diff it afterwards",
-        )
-    if extended and disk_budget is not None:
-        raise UsageError(
-            "--disk-budget works with --finetuned and --save model only",
-            hint="download the checkpoints first, or drop --disk-budget",
-        )
-
-    from fapm_cli.parts import Part
-
-    split = Part.parse(part) if part is not None else None
+    check_forms(finetuned, task_vector, save, fmt, method)
+    split = parse_part(part, finalize)
     try:
-        frac = scoring.parse_sparsity(sparsity)
-        shard_bytes = parse_size(max_shard_size)
-        budget_bytes = parse_size(disk_budget) if disk_budget is not None else None
+        frac = parse_sparsity(sparsity)
+    except ValueError as err:
+        raise UsageError(str(err), hint="see fapm prune --help") from err
+    shard_bytes = parse_size_option(max_shard_size, "prune")
+    budget_bytes = parse_size_option(disk_budget, "prune")
+    try:
         out_dtype = parse_dtype(dtype) if dtype else None
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm prune --help") from err
-    set_threads(threads)
-    quiet_libraries(quiet)
-    use_device(device)
-    opts = engine.PruneOptions(
-        method=scoring.Method(method.value),
+    assert shard_bytes is not None
+    opts = PruneOptions(
+        method=method,
         sparsity=frac,
         lam=lam,
         seed=seed,
         keep_base=tuple(keep_base or ()),
         keep_finetuned=tuple(keep_finetuned or ()),
-        on_finetuned_only=engine.OnFinetunedOnly(on_finetuned_only.value),
-        on_base_only=engine.OnBaseOnly(on_base_only.value),
+        on_finetuned_only=on_finetuned_only,
+        on_base_only=on_base_only,
         dtype=out_dtype,
     )
-    progress = report.BarProgress(enabled=not quiet and not json_out)
-    if not extended:
-        assert finetuned is not None
-        result = engine.prune(
+    with quiet_libraries(quiet):
+        result = run(
             base,
             finetuned,
             output,
             opts,
+            task_vector_source=task_vector,
+            save=save,
+            fmt=fmt,
             max_shard_size=shard_bytes,
-            files_from=engine.FilesFrom(files_from.value),
+            files_from=files_from,
             overwrite=overwrite,
+            progress=BarProgress(enabled=not quiet and not json_out),
             disk_budget=budget_bytes,
-            progress=progress,
             part=split,
             finalize=finalize,
+            device=use_device(device),
+            threads=default_threads(threads),
         )
-        extra = merging.TVPruneReport(result, merging.Save.MODEL, Format.DENSE, None, [], 1)
-    else:
-        extra = merging.prune(
-            base,
-            output,
-            opts,
-            finetuned_source=finetuned,
-            task_vector_source=task_vector,
-            save=merging.Save(save.value),
-            fmt=Format(fmt.value),
-            max_shard_size=shard_bytes,
-            files_from=engine.FilesFrom(files_from.value),
-            overwrite=overwrite,
-            progress=progress,
-        )
-        result = extra.prune
-    report.show(
+    show(
         result.warnings,
-        extra,
+        result,
         json_out=json_out,
         quiet=quiet,
-        as_json=report.prune_tv_json,
-        as_table=report.print_prune_tv,
+        as_json=prune_json,
+        as_table=print_prune,
     )

@@ -12,43 +12,26 @@ from fapm_cli.cli.options import (
     BaseOpt,
     DeviceChoice,
     DeviceOpt,
+    DiskBudgetOpt,
     FinetunedOpt,
     JsonOpt,
     LamOpt,
     OverwriteOpt,
     QuietOpt,
     ThreadsOpt,
+    default_threads,
     exit_codes,
+    parse_size_option,
     quiet_libraries,
-    set_threads,
     use_device,
 )
 from fapm_cli.errors import UsageError
+from fapm_cli.records import PlotMetric, SortKey
 
 
-# Mirrors of forgetting's enums: that module imports torch, and `fapm --help` must not.
-class SortChoice(StrEnum):
-    name = "name"
-    layer = "layer"
-    numel = "numel"
-    mean_abs_tau = "mean_abs_tau"
-    mean_abs_base = "mean_abs_base"
-    mean_rel_change = "mean_rel_change"
-    positive_score_fraction = "positive_score_fraction"
-    fapm_sq_norm_kept_fraction = "fapm_sq_norm_kept_fraction"
-    magnitude_sq_norm_kept_fraction = "magnitude_sq_norm_kept_fraction"
-    mask_jaccard = "mask_jaccard"
+class OutputFormat(StrEnum):
+    """What ``fapm score`` prints on stdout (a rendering choice of the CLI alone)."""
 
-
-class PlotMetricChoice(StrEnum):
-    mean_rel_change = "mean_rel_change"
-    mean_abs_tau = "mean_abs_tau"
-    positive_score_fraction = "positive_score_fraction"
-    fapm_sq_norm_kept_fraction = "fapm_sq_norm_kept_fraction"
-    mask_jaccard = "mask_jaccard"
-
-
-class FormatChoice(StrEnum):
     table = "table"
     json = "json"
     csv = "csv"
@@ -81,7 +64,7 @@ def score(
     ] = "0.9",
     lam: LamOpt = 1.0,
     sort: Annotated[
-        SortChoice | None,
+        SortKey | None,
         typer.Option(
             "--sort",
             help="Order tensor rows by this column (numbers largest first). "
@@ -100,9 +83,9 @@ def score(
         ),
     ] = None,
     fmt: Annotated[
-        FormatChoice,
+        OutputFormat,
         typer.Option("--format", help="Output on stdout: rich tables, one JSON object, or CSV."),
-    ] = FormatChoice.table,
+    ] = OutputFormat.table,
     json_out: JsonOpt = False,
     plot: Annotated[
         str | None,
@@ -115,9 +98,9 @@ def score(
         ),
     ] = None,
     plot_metric: Annotated[
-        PlotMetricChoice,
+        PlotMetric,
         typer.Option("--plot-metric", help="The figure shown in the heat map."),
-    ] = PlotMetricChoice.mean_rel_change,
+    ] = PlotMetric.MEAN_REL_CHANGE,
     save_scores: Annotated[
         str | None,
         typer.Option(
@@ -132,6 +115,7 @@ def score(
     quiet: QuietOpt = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = DeviceChoice.cpu,
+    disk_budget: DiskBudgetOpt = None,
 ) -> None:
     """Measure where a fine-tune risks forgetting, and what FAPM and magnitude pruning keep.
 
@@ -140,37 +124,48 @@ def score(
     share of ||tau||^2 kept by fapm and by magnitude pruning and the Jaccard overlap of their
     masks. Roll-ups per layer and per module type. Writes no model.
     """
-    from fapm_cli import forgetting, report, scoring
+    from fapm_cli.plan import parse_sparsity
+    from fapm_cli.records import sort_tensors
+    from fapm_cli.report.console import BarProgress, emit_json
+    from fapm_cli.report.score import (
+        check_plot_path,
+        print_score,
+        report_csv,
+        score_json,
+        write_plot,
+    )
+    from fapm_cli.verbs.score import score as run
 
     try:
-        frac = scoring.parse_sparsity(sparsity)
+        frac = parse_sparsity(sparsity)
     except ValueError as err:
         raise UsageError(str(err), hint="see fapm score --help") from err
     if json_out:  # the flag every command has; same as --format json
-        if fmt is FormatChoice.csv:
+        if fmt is OutputFormat.csv:
             raise UsageError("--json and --format csv exclude each other")
-        fmt = FormatChoice.json
+        fmt = OutputFormat.json
     if plot is not None:
-        forgetting.check_plot_path(plot)  # before the heavy work
-    set_threads(threads)
-    quiet_libraries(quiet)
-    use_device(device)
-    result = forgetting.score(
-        base,
-        finetuned,
-        frac,
-        lam,
-        save_scores=save_scores,
-        overwrite=overwrite,
-        progress=report.BarProgress(enabled=not quiet and fmt is FormatChoice.table),
-    )
-    key = forgetting.SortKey(sort.value) if sort is not None else None
-    rows = forgetting.sort_tensors(result.tensors, key, top)
+        check_plot_path(plot)  # before the heavy work
+    budget_bytes = parse_size_option(disk_budget, "score")
+    with quiet_libraries(quiet):
+        result = run(
+            base,
+            finetuned,
+            frac,
+            lam,
+            save_scores=save_scores,
+            overwrite=overwrite,
+            progress=BarProgress(enabled=not quiet and fmt is OutputFormat.table),
+            disk_budget=budget_bytes,
+            device=use_device(device),
+            threads=default_threads(threads),
+        )
+    rows = sort_tensors(result.tensors, sort, top)
     if plot is not None:
-        forgetting.write_plot(result, plot, forgetting.PlotMetric(plot_metric.value))
-    if fmt is FormatChoice.json:
-        report.emit_json(report.score_json(result, rows, key, top, plot))
-    elif fmt is FormatChoice.csv:
-        typer.echo(forgetting.report_csv(result, rows), nl=False)
+        write_plot(result, plot, plot_metric)
+    if fmt is OutputFormat.json:
+        emit_json(score_json(result, rows, sort, top, plot))
+    elif fmt is OutputFormat.csv:
+        typer.echo(report_csv(result, rows), nl=False)
     elif not quiet:
-        report.print_score(result, rows)
+        print_score(result, rows)

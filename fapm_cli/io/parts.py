@@ -1,4 +1,7 @@
-"""One prune split into N independent parts by output shard, and the step that joins them.
+"""One run split into N independent parts by output shard, and the step that joins them.
+
+Any command that writes a checkpoint can be split (``prune`` in every form, ``diff``, ``merge``):
+the output's shard plan is known from the headers alone, so each part writes its own shards.
 
 Every part computes the same shard plan from the headers alone (``writer.plan_shards`` over the
 planned tensors in processing order) and writes only its own run of consecutive shards, into
@@ -16,12 +19,9 @@ import json
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fapm_cli.errors import OutputError, UsageError
-
-if TYPE_CHECKING:
-    from fapm_cli.engine import Item, PruneOptions, TensorResult
 
 MARKER = "fapm-part.json"
 MARKER_VERSION = 1
@@ -68,7 +68,7 @@ def staging_dir(output: Path) -> Path:
 
 
 def options_hash(
-    opts: PruneOptions,
+    options: dict[str, str],
     metadata: dict[str, str],
     plan: list[tuple[str, list[Any]]],
     settings: dict[str, str],
@@ -77,7 +77,7 @@ def options_hash(
     metadata (which names the sources), the shard plan (names, dtypes, shapes) and settings
     such as --max-shard-size. Parts and finalize run with different values refuse to mix."""
     doc = {
-        "options": {f.name: repr(getattr(opts, f.name)) for f in fields(opts)},
+        "options": options,
         "metadata": metadata,
         "plan": [
             [name, [[t.name, t.dtype.name, list(t.shape)] for t in group]] for name, group in plan
@@ -87,21 +87,23 @@ def options_hash(
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def marker(part: Part, digest: str, results: list[TensorResult]) -> dict[str, object]:
+def options_doc(opts: object) -> dict[str, str]:
+    """A dataclass of options as the text ``options_hash`` digests (None: no options)."""
+    if opts is None:
+        return {}
+    return {f.name: repr(getattr(opts, f.name)) for f in fields(opts)}  # type: ignore[arg-type]
+
+
+def marker(part: Part, digest: str, records: list[dict[str, Any]]) -> dict[str, object]:
+    """What a finished part leaves beside its shards: which split, made how, and the per-tensor
+    records of the command (JSON objects), so that finalize reports what one run reports."""
     return {
         "fapm_part": MARKER_VERSION,
         "part": part.index,
         "parts": part.count,
         "options_sha256": digest,
-        "tensors": [
-            {
-                "name": r.name, "shape": list(r.shape), "dtype": r.dtype, "action": r.action.value,
-                "numel": r.numel, "kept": r.kept, "sq_norm_kept": r.sq_norm_kept,
-                "sq_norm": r.sq_norm,
-            }
-            for r in results
-        ],
-    }  # fmt: skip
+        "tensors": records,
+    }
 
 
 @dataclass(frozen=True)
@@ -111,20 +113,18 @@ class Collected:
     count: int
     shard_path: dict[str, Path]
     shard_info: dict[str, dict[str, object]]
-    results: list[TensorResult]
+    records: list[dict[str, Any]]  # every part's per-tensor records, in part order
 
 
-def collect(staging: Path, digest: str, plan_names: list[str], items: list[Item]) -> Collected:
+def collect(staging: Path, digest: str, plan_names: list[str]) -> Collected:
     """Read and check the markers of all parts; refuse a missing, unfinished or foreign one."""
-    from fapm_cli.engine import Action, TensorResult
-
     found: dict[int, set[int]] = {}
     try:
         entries = [p for p in staging.iterdir() if _PART_DIR.fullmatch(p.name)]
     except FileNotFoundError as err:
         raise OutputError(
             f"{staging}: no parts found",
-            hint="run every part first (fapm prune ... --part I/N), then --finalize with the "
+            hint="run every part first (--part I/N), then the same command with --finalize and the "
             "same arguments",
         ) from err
     except OSError as err:
@@ -138,7 +138,7 @@ def collect(staging: Path, digest: str, plan_names: list[str], items: list[Item]
     if not found:
         raise OutputError(
             f"{staging}: no parts found",
-            hint="run every part first (fapm prune ... --part I/N), then --finalize with the "
+            hint="run every part first (--part I/N), then the same command with --finalize and the "
             "same arguments",
         )
     if len(found) > 1:
@@ -153,12 +153,12 @@ def collect(staging: Path, digest: str, plan_names: list[str], items: list[Item]
         raise OutputError(
             f"part {missing[0]}/{count} missing: {staging / Part(missing[0], count).dirname} "
             "does not exist",
-            hint=f"run fapm prune ... --part {missing[0]}/{count} with the same arguments"
+            hint=f"run the command with --part {missing[0]}/{count} and the same arguments"
             + (f" (also missing: {', '.join(map(str, missing[1:]))})" if missing[1:] else ""),
         )
     shard_path: dict[str, Path] = {}
     shard_info: dict[str, dict[str, object]] = {}
-    by_name: dict[str, TensorResult] = {}
+    records: list[dict[str, Any]] = []
     for i in range(1, count + 1):
         part = Part(i, count)
         where = staging / part.dirname
@@ -178,13 +178,8 @@ def collect(staging: Path, digest: str, plan_names: list[str], items: list[Item]
         for name in expected:
             shard_path[name] = where / name
             shard_info[name] = shards[name]
-        for t in record.get("tensors", []):
-            by_name[t["name"]] = TensorResult(
-                t["name"], tuple(t["shape"]), t["dtype"], Action(t["action"]), t["numel"],
-                t["kept"], t["sq_norm_kept"], t["sq_norm"],
-            )  # fmt: skip
-    results = [by_name[i.name] for i in items if i.name in by_name]
-    return Collected(count, shard_path, {n: shard_info[n] for n in plan_names}, results)
+        records.extend(record.get("tensors", []))
+    return Collected(count, shard_path, {n: shard_info[n] for n in plan_names}, records)
 
 
 def _read_marker(where: Path, part: Part) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The metrics and the exact top-k selection, as pure tensor functions.
+"""The metrics and the exact top-k selection: tensor functions, and the ``Workspace`` (device,
+threads, key buffer) a run passes to them.
 
 Precision policy: scores are computed in float32 (float64 when either input is float64) and the
 output keeps the storage dtype; kept entries are *copied* from finetuned, never recomputed as
@@ -24,14 +25,14 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from enum import StrEnum
-from fractions import Fraction
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 
-from fapm_cli import native
+from fapm_cli.compute import native
+from fapm_cli.plan import Method
 
 _T = TypeVar("_T")
 
@@ -44,35 +45,13 @@ CHUNK = 1 << 20
 RANDOM_BLOCK = 1 << 20
 
 
-class Method(StrEnum):
-    FAPM = "fapm"
-    MAGNITUDE = "magnitude"
-    RATIO = "ratio"
-    RANDOM = "random"
-
-
-def keep_count(numel: int, sparsity: Fraction) -> int:
-    """``floor(numel * (1 - s))`` computed exactly (numel 10, s 0.9 -> 1, not 0)."""
-    return int(numel * (1 - sparsity)) if sparsity < 1 else 0
-
-
-def parse_sparsity(text: str | float) -> Fraction:
-    """Sparsity as an exact fraction of its decimal spelling ("0.9" -> 9/10)."""
-    try:
-        value = Fraction(str(text))
-    except (ValueError, ZeroDivisionError) as err:
-        raise ValueError(f"sparsity {text!r} is not a number") from err
-    if not 0 <= value <= 1:
-        raise ValueError(f"sparsity {text} is outside [0, 1]")
-    return value
-
-
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def mean_abs(base: torch.Tensor, dtype: torch.dtype) -> float:
-    """``m = mean(|W_pre|)``: summed per chunk in float64, rounded once to the compute dtype."""
+def mean_abs(base: torch.Tensor, dtype: torch.dtype, workers: int = 1) -> float:
+    """``m = mean(|W_pre|)``: summed per chunk in float64, rounded once to the compute dtype
+    (the same value for any number of ``workers``)."""
     flat = base.reshape(-1)
     n = flat.numel()
     if n == 0:
@@ -83,7 +62,7 @@ def mean_abs(base: torch.Tensor, dtype: torch.dtype) -> float:
         # order: the same m whatever the number of threads.
         step = 1 << 20
         starts = range(0, n, step)
-        parts = map_chunks(lambda c: kern.sum_abs(flat[c : c + step]), starts)
+        parts = map_chunks(lambda c: kern.sum_abs(flat[c : c + step]), starts, workers)
         return float(torch.tensor(sum(parts) / n, dtype=dtype))
     # Widen each cache-sized chunk exactly into one reused buffer of the compute dtype and
     # accumulate in float64: 16x faster than converting every chunk to float64 first (0.06 s
@@ -110,20 +89,20 @@ def native_kernels(
     return native.kernels()
 
 
-def map_chunks(fn: Callable[[int], _T], starts: Sequence[int]) -> list[_T]:
-    """``fn`` over chunk starts on the scoring threads; results in chunk order."""
-    return list(imap_chunks(fn, starts))
+def map_chunks(fn: Callable[[int], _T], starts: Sequence[int], workers: int) -> list[_T]:
+    """``fn`` over chunk starts on ``workers`` threads; results in chunk order."""
+    return list(imap_chunks(fn, starts, workers))
 
 
-def imap_chunks(fn: Callable[[int], _T], starts: Sequence[int]) -> Iterator[_T]:
-    """``fn`` over chunk starts on the scoring threads, yielded in chunk order as they finish.
+def imap_chunks(fn: Callable[[int], _T], starts: Sequence[int], workers: int) -> Iterator[_T]:
+    """``fn`` over chunk starts on ``workers`` threads, yielded in chunk order as they finish.
 
     At most ``2 * workers`` calls run ahead of the consumer. The threads live for this call
     only and are shut down on the way out, also when the consumer stops early or a signal
     interrupts it: a long-lived pool would rely on the interpreter's exit hook, and a signal
     landing inside ``ThreadPoolExecutor.submit`` (after a thread starts, before it is
     registered) leaves that hook a thread it never wakes, so the process never exits."""
-    workers = min(score_workers(), len(starts))
+    workers = min(workers, len(starts))
     if workers <= 1:
         yield from (fn(c) for c in starts)
         return
@@ -227,6 +206,43 @@ def keep_mask_chunk(keys: torch.Tensor, t: Threshold, ties_seen: int) -> tuple[t
     return mask, t.ties
 
 
+def keep_masks(ranked: Ranked) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, keep_mask)`` for consecutive chunks of the flat tensor, in flat order:
+    every key above the threshold, and the first ``ties`` keys equal to it."""
+    keys, threshold = ranked.keys, ranked.threshold
+    ties_seen = 0
+    for c in range(0, keys.numel(), CHUNK):
+        mask, ties_seen = keep_mask_chunk(keys[c : c + CHUNK], threshold, ties_seen)
+        if mask.device.type != "cpu":  # --device cuda: the output is built on the CPU
+            mask = mask.cpu()
+        yield c, c + mask.numel(), mask
+
+
+def tie_quotas(
+    ranked: Ranked, chunk: int, count_eq: Callable[[torch.Tensor, int], int], workers: int
+) -> tuple[int, list[int]]:
+    """The same selection as ``keep_masks`` for chunks of ``chunk`` keys that run
+    independently: the key to compare with, and per chunk how many keys equal to it it keeps
+    (counted first, only when the tie quota runs out inside the tensor). The key is adjusted
+    so that "keep > key, then quota ties" also covers keep-all and keep-none (int32 keys)."""
+    t = ranked.threshold
+    n = ranked.keys.numel()
+    key, ties = t.key, t.ties
+    if t.keep_all:  # every key is >= the smallest int32: keep all "ties" with it
+        key, ties = -(1 << 31), n
+    elif t.keep_none:  # no key is > the largest int32, and no tie is kept
+        key, ties = (1 << 31) - 1, 0
+    starts = range(0, n, chunk)
+    quota = [0] * len(starts)
+    if ties:
+        eq = map_chunks(lambda c: count_eq(ranked.keys[c : c + chunk], key), starts, workers)
+        before = 0
+        for i, count in enumerate(eq):
+            quota[i] = max(0, min(count, ties - before))
+            before += count
+    return key, quota
+
+
 def random_mask_block(seed: int, name: str, block: int, size: int, keep: float) -> torch.Tensor:
     """DARE's Bernoulli(keep) mask for one block, reproducible from (seed, name, block)."""
     digest = hashlib.blake2b(f"{seed}\0{name}\0{block}".encode(), digest_size=8).digest()
@@ -250,9 +266,6 @@ FUSED_CHUNK = 1 << 18
 DEVICE_CHUNK = 1 << 24
 _DIGITS = 1 << 16
 
-# Where scoring and selection run (``--device``); masks and output bytes are the same on all.
-_DEVICE = {"current": torch.device("cpu")}
-
 
 def score_workers() -> int:
     """Threads for the scoring pass: the cores torch's own pool leaves idle.
@@ -262,14 +275,6 @@ def score_workers() -> int:
     Python threads scale (0.32 s); with torch given every core, this returns 1."""
     cores = os.cpu_count() or 1
     return max(1, min(4, cores // max(1, torch.get_num_threads())))
-
-
-def set_device(device: torch.device | str) -> None:
-    _DEVICE["current"] = torch.device(device)
-
-
-def current_device() -> torch.device:
-    return _DEVICE["current"]
 
 
 class Scratch:
@@ -332,7 +337,9 @@ def _bucket_walk(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return hist.numel() - 1 - idx, above
 
 
-def select_from_top_histogram(keys: torch.Tensor, hist0: torch.Tensor, k: int) -> Threshold:
+def select_from_top_histogram(
+    keys: torch.Tensor, hist0: torch.Tensor, k: int, workers: int = 1
+) -> Threshold:
     """Exact threshold of int32 ``keys`` given the histogram of their top 16 bits (offset by
     2^15 so that bins are in signed order). Same result as ``select_threshold``.
 
@@ -356,7 +363,7 @@ def select_from_top_histogram(keys: torch.Tensor, hist0: torch.Tensor, k: int) -
             kern.bucket_hist(keys[c : c + CHUNK], low, part)
             return part
 
-        inside = torch.stack(map_chunks(count, range(0, n, CHUNK))).sum(0)
+        inside = torch.stack(map_chunks(count, range(0, n, CHUNK), workers)).sum(0)
     else:
         hist1 = torch.zeros(hi_b - lo_b + 1, dtype=torch.int64, device=keys.device)
         for c in range(0, n, CHUNK):
@@ -373,8 +380,8 @@ def select_from_top_histogram(keys: torch.Tensor, hist0: torch.Tensor, k: int) -
     return Threshold(key, ties)
 
 
-class _KeyBuffer:
-    """One reusable key array for the whole run.
+class KeyBuffer:
+    """One reusable key array for the whole run (a ``Workspace``'s).
 
     A fresh ``torch.empty`` per tensor costs a page fault per 4 kB on first touch (seconds
     over a 1B-parameter model) and hands the memory back to the OS after each tensor. The
@@ -408,21 +415,49 @@ class _KeyBuffer:
             self._busy = False
 
 
-_KEYS = _KeyBuffer()
+@dataclass
+class Workspace:
+    """What one run scores with: the device, the scoring threads and the reusable key array.
+
+    A verb makes one for its run and passes it down to every tensor; nothing here is module
+    state, so two runs in one process (or a library caller and the CLI) never share one."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    workers: int = field(default_factory=lambda: score_workers())
+    keys: KeyBuffer = field(default_factory=KeyBuffer, repr=False)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
 
 
-def release(ranked: Ranked) -> None:
-    """Done with ``ranked.keys``: the buffer may serve the next tensor."""
-    _KEYS.give_back(ranked.keys)
+@contextmanager
+def workspace(device: str = "cpu", threads: int | None = None) -> Iterator[Workspace]:
+    """A run's ``Workspace``; ``threads`` (None: torch's setting as it is) is torch's intra-op
+    thread count for the run, restored afterwards (torch keeps it process-wide)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield Workspace(torch.device(device))
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
 class Ranked:
-    """One tensor scored and selected: keys, the exact threshold, and sum(tau^2)."""
+    """One tensor scored and selected: keys, the exact threshold, and sum(tau^2).
+
+    ``release()`` once done with the keys: the run's key buffer may serve the next tensor."""
 
     keys: torch.Tensor  # (n,) order-preserving integer keys of the scores
     threshold: Threshold
     sq_total: float  # sum of tau^2 over all entries
+    owner: KeyBuffer | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        if self.owner is not None:
+            self.owner.give_back(self.keys)
 
 
 def rank_tensor(
@@ -432,8 +467,8 @@ def rank_tensor(
     k: int,
     lam: float,
     on_nonfinite: Callable[[int, int], None],
+    ws: Workspace | None = None,
     *,
-    device: torch.device | None = None,
     chunk: int | None = None,
 ) -> Ranked:
     """Score every entry (one fused pass) and find the exact top-``k`` threshold.
@@ -442,21 +477,25 @@ def rank_tensor(
     for a chunk whose ``sum(tau^2)`` is not finite: it must raise if an input there is NaN/Inf
     (otherwise tau^2 merely overflowed, and scoring goes on as the reference would).
 
-    ``device`` (default: ``current_device()``): where scoring and selection run; the keys are
-    then on that device. Every op is an exactly rounded float32 (float64) op or integer work,
-    each its own kernel, so the keys and the threshold are the CPU's bit for bit; the mean
-    ``m`` (a float64 reduction whose order a GPU would change) is computed on the CPU first.
-    Only ``sq_total`` (a float64 sum, for the report) may differ in its last bits.
+    ``ws`` (default: a fresh CPU workspace): where scoring and selection run (the keys are
+    then on that device), on how many threads, into which reusable key array. Every op is an
+    exactly rounded float32 (float64) op or integer work, each its own kernel, so the keys and
+    the threshold are the CPU's bit for bit; the mean ``m`` (a float64 reduction whose order
+    a GPU would change) is computed on the CPU first. Only ``sq_total`` (a float64 sum, for the
+    report) may differ in its last bits.
     """
-    device = device or current_device()
+    ws = ws or Workspace()
+    device = ws.device
     n = base.numel()
     cdt = compute_dtype(base.dtype, finetuned.dtype)
     coef = torch.tensor(lam, dtype=cdt) * torch.tensor(
-        mean_abs(base, cdt) if method is Method.FAPM else 0.0, dtype=cdt
+        mean_abs(base, cdt, ws.workers) if method is Method.FAPM else 0.0, dtype=cdt
     )
     kdt = torch.int64 if cdt == torch.float64 else torch.int32
+    owner = None
     if device.type == "cpu":
-        keys = _KEYS.take(n, kdt)
+        owner = ws.keys
+        keys = owner.take(n, kdt)
         step = chunk or FUSED_CHUNK
     else:  # the inputs go over whole (the largest tensor sets the device memory too)
         base, finetuned = base.to(device), finetuned.to(device)
@@ -509,16 +548,24 @@ def rank_tensor(
                 pending = 0
         return hist
 
-    workers = score_workers() if device.type == "cpu" and len(starts) > 1 else 1
-    if workers == 1:
-        hist0 = score_part(0, 1)
-    else:
-        # Chunks are independent: each worker writes its own slices of ``keys`` and counts its
-        # own histogram (integers: the sum is order-free); torch releases the GIL in each op.
-        with ThreadPoolExecutor(workers, thread_name_prefix="fapm-score") as pool:
-            hists = list(pool.map(score_part, range(workers), [workers] * workers))
-        hist0 = torch.stack(hists).sum(0)
+    workers = ws.workers if device.type == "cpu" and len(starts) > 1 else 1
+    try:
+        if workers == 1:
+            hist0 = score_part(0, 1)
+        else:
+            # Chunks are independent: each worker writes its own slices of ``keys`` and counts
+            # its own histogram (integers: the sum is order-free); torch releases the GIL in
+            # each op.
+            with ThreadPoolExecutor(workers, thread_name_prefix="fapm-score") as pool:
+                hists = list(pool.map(score_part, range(workers), [workers] * workers))
+            hist0 = torch.stack(hists).sum(0)
+        if fused_hist:
+            threshold = select_from_top_histogram(keys, hist0, k, ws.workers)
+        else:
+            threshold = select_threshold(keys, k)
+    except BaseException:
+        if owner is not None:  # NaN/Inf (or Ctrl-C): the buffer must serve the next tensor
+            owner.give_back(keys)
+        raise
     sq_total = math.fsum(sq_parts)  # in chunk order whatever the number of workers
-    if fused_hist:
-        return Ranked(keys, select_from_top_histogram(keys, hist0, k), sq_total)
-    return Ranked(keys, select_threshold(keys, k), sq_total)
+    return Ranked(keys, threshold, sq_total, owner)

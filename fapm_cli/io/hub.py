@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fapm_cli.errors import FapmError, InputError, ResourceError, UsageError
-from fapm_cli.header import Header, parse_header, read_header, read_header_length
+from fapm_cli.io.header import Header, parse_header, read_header, read_header_length
 
 if TYPE_CHECKING:
-    from fapm_cli.sources import Source
+    from fapm_cli.io.source import Source
 
 _REPO_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s]+)?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -241,7 +241,7 @@ class HubSource:
         return f"{self.display}/{name}"
 
     def _check(self, name: str) -> str:
-        from fapm_cli.sources import is_plain_filename
+        from fapm_cli.io.source import is_plain_filename
 
         if not is_plain_filename(name):
             raise InputError(

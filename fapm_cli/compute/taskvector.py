@@ -33,23 +33,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 
-from fapm_cli.header import DTYPES, DType, PlannedTensor
-
-FORMAT_KEY = "fapm.format"
-COMPACT_VERSION_KEY = "fapm.compact_version"
-COMPACT_VERSION = "1"
-DENSE_VERSION_KEY = "fapm.dense_version"
-DENSE_VERSION = "1"
-# The dtype of the model that base + this TV gives, when all tensors share it ...
-MODEL_DTYPE_KEY = "fapm.model_dtype"
-# ... and otherwise a JSON object {tensor name: dtype} of the exceptions.
-MODEL_DTYPES_KEY = "fapm.model_dtypes"
-# JSON list of the dense tensors stored as the model's values, not as deltas.
-VALUES_KEY = "fapm.values"
+from fapm_cli.io.header import DTYPES, DType, PlannedTensor
+from fapm_cli.plan import MODEL_DTYPE_KEY, MODEL_DTYPES_KEY, VALUES_KEY
 
 SEP = "::"
 VALUES = "values"
@@ -57,19 +45,6 @@ MASK = "mask"
 IDX = "idx"
 SHAPE = "shape"
 SUFFIXES = (VALUES, MASK, IDX, SHAPE)
-
-
-class Format(StrEnum):
-    DENSE = "dense"
-    COMPACT = "compact"
-
-
-class Repr(StrEnum):
-    """How one tensor of a task vector is stored."""
-
-    DELTA = "delta"  # dense: model - base in a float dtype
-    VALUES = "values"  # the model's values, whole
-    SPARSE = "sparse"  # compact: the model's values at kept positions + the positions
 
 
 def torch_dtype(d: DType) -> torch.dtype:

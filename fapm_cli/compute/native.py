@@ -98,7 +98,7 @@ def _bind(lib: ctypes.CDLL) -> None:
 
 @cache
 def _load() -> Kernels | None:
-    spec = importlib.util.find_spec("fapm_cli._kernels")
+    spec = importlib.util.find_spec("fapm_cli.compute._kernels")
     if spec is None or not spec.origin:
         return None
     try:

@@ -12,34 +12,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from fapm_cli.errors import InputError
-from fapm_cli.header import Header, read_header
+from fapm_cli.io.header import Header, read_header
+from fapm_cli.io.source import PICKLE_SUFFIXES, Source, is_plain_filename
 
 if TYPE_CHECKING:
-    from fapm_cli.hub_source import DiskBudget
-
-# Files holding pickled weights: unpickling can run arbitrary code, so fapm never loads them.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-# Weight files of other formats, never copied next to the output as "non-weight files".
-OTHER_WEIGHT_SUFFIXES = (".safetensors", ".msgpack", ".h5", ".gguf", ".onnx", ".tflite", ".npz")
-
-
-class Source(Protocol):
-    display: str  # what the user typed, for messages
-
-    def list_files(self) -> list[str]: ...  # top-level file names
-
-    def read_text(self, name: str, limit: int = 50_000_000) -> str: ...
-
-    def read_header(self, name: str) -> Header: ...
-
-    def local_path(self, name: str) -> str: ...  # fetches remote shards first
-
-    def release(self, name: str) -> None: ...  # a shard is no longer needed
-
-    def provenance(self) -> str: ...  # recorded in output metadata
+    from fapm_cli.io.hub import DiskBudget
 
 
 class LocalDir:
@@ -135,17 +115,6 @@ class LocalFile:
         return self.display
 
 
-def is_plain_filename(name: str) -> bool:
-    return (
-        bool(name)
-        and name not in (".", "..")
-        and "/" not in name
-        and "\\" not in name
-        and "\x00" not in name
-        and not os.path.isabs(name)
-    )
-
-
 def resolve_source(
     text: str, *, budget: DiskBudget | None = None, show_progress: bool = False
 ) -> Source:
@@ -171,7 +140,9 @@ def resolve_source(
                 hint="point to a directory with *.safetensors or to one .safetensors file",
             )
         return LocalFile(path, text)
-    from fapm_cli import hub_source  # deferred: huggingface_hub is only needed for Hub ids
+    from fapm_cli.io import (
+        hub as hub_source,  # deferred: huggingface_hub is only needed for Hub ids
+    )
 
     if hub_source.looks_like_repo_id(text):
         return hub_source.HubSource.from_text(text, budget=budget, show_progress=show_progress)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fapm_cli.errors import FapmError, OutputError, ResourceError
-from fapm_cli.header import PlannedTensor, build_header
+from fapm_cli.io.header import PlannedTensor, build_header
 
 if TYPE_CHECKING:
     import torch

@@ -11,25 +11,25 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fapm_cli.errors import InputError
-from fapm_cli.header import Header, TensorInfo
-from fapm_cli.sources import OTHER_WEIGHT_SUFFIXES, PICKLE_SUFFIXES, LocalFile, Source
+from fapm_cli.io.header import Header, TensorInfo
+from fapm_cli.io.source import OTHER_WEIGHT_SUFFIXES, PICKLE_SUFFIXES, Source
+from fapm_cli.io.sources import LocalFile
 
 if TYPE_CHECKING:
     import torch
 
 INDEX_SUFFIX = ".safetensors.index.json"
 DEFAULT_INDEX = "model.safetensors.index.json"
-# Metadata key that marks a checkpoint written by fapm as a task vector, not a model.
-KIND_KEY = "fapm.kind"
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,6 @@ class Checkpoint:
         """``__metadata__`` of the first shard (fapm writes the same in every shard)."""
         first = next(iter(self.shards.values()), None)
         return dict(first.metadata) if first else {}
-
-    @property
-    def kind(self) -> str:
-        return self.metadata.get(KIND_KEY, "model")
 
     @property
     def total_bytes(self) -> int:
@@ -292,26 +288,39 @@ class TensorReader:
 
     def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor ``name``; read into ``into`` (uint8, exactly its bytes) when given."""
+        info = self.checkpoint.tensors[name].info
+        flat = self._read(name, 0, info.nbytes, into)
+        return flat.reshape(info.shape)
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Entries ``start:stop`` of the flattened tensor ``name``, read from the file alone:
+        an operation that needs one chunk of a tensor at a time never holds the whole."""
+        itemsize = self.checkpoint.tensors[name].info.dtype.itemsize
+        return self._read(name, start * itemsize, stop * itemsize, None)
+
+    def _read(self, name: str, begin: int, end: int, into: torch.Tensor | None) -> torch.Tensor:
+        """Bytes ``begin:end`` of tensor ``name``'s data, as a flat tensor of its dtype."""
         import torch
 
         ref = self.checkpoint.tensors[name]
         info = ref.info
         dtype = getattr(torch, info.dtype.torch_name)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=dtype)
+        nbytes = end - begin
+        if nbytes <= 0:
+            return torch.empty(0, dtype=dtype)
         fd = self._fd(ref.shard)
         if into is not None:
-            assert into.dtype == torch.uint8 and into.numel() == info.nbytes
-            buf: bytearray | ctypes.Array[ctypes.c_char] = (
-                ctypes.c_char * info.nbytes
-            ).from_address(into.data_ptr())
+            assert into.dtype == torch.uint8 and into.numel() == nbytes
+            buf: bytearray | ctypes.Array[ctypes.c_char] = (ctypes.c_char * nbytes).from_address(
+                into.data_ptr()
+            )
         else:
-            buf = bytearray(info.nbytes)
+            buf = bytearray(nbytes)
         view = memoryview(buf).cast("B")
         done = 0
         try:
-            while done < info.nbytes:  # one read returns at most ~2 GiB on Linux
-                got = os.preadv(fd, [view[done:]], info.start + done)
+            while done < nbytes:  # one read returns at most ~2 GiB on Linux
+                got = os.preadv(fd, [view[done:]], info.start + begin + done)
                 if got == 0:
                     break
                 done += got
@@ -321,14 +330,14 @@ class TensorReader:
                 f"({err.strerror})",
                 hint="the file is damaged or was removed during the run",
             ) from err
-        if done != info.nbytes:
+        if done != nbytes:
             raise InputError(
                 f"{self.checkpoint.display}/{ref.shard}: file ended inside tensor {name!r}",
                 hint="the file was truncated during the run; download it again",
             )
         if into is not None:
-            return into.view(dtype).reshape(info.shape)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+            return into.view(dtype)
+        return torch.frombuffer(buf, dtype=dtype)
 
     def release_shard(self, shard: str) -> None:
         fd = self._fds.pop(shard, None)
@@ -408,3 +417,143 @@ class Prefetcher:
             self._results.clear()
             self._cond.notify_all()
         self._thread.join()
+
+
+# -- the one streaming loop ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Side:
+    """One checkpoint a run reads, item by item.
+
+    ``load[pos]``: the tensor read whole for item ``pos`` (None: nothing, e.g. the operation
+    reads what it needs itself through ``reader``). ``shards[pos]``: every shard item ``pos``
+    touches on this side (default: the loaded tensor's), so that each shard is released
+    (closed, and deleted when it was downloaded under a disk budget) right after its last use.
+    """
+
+    reader: TensorReader
+    load: Sequence[TensorRef | None]
+    shards: Sequence[Sequence[str]] | None = None
+
+    def shards_of(self, pos: int) -> Sequence[str]:
+        if self.shards is not None:
+            return self.shards[pos]
+        ref = self.load[pos]
+        return (ref.shard,) if ref is not None else ()
+
+
+@dataclass
+class Step:
+    """Item ``pos`` in hand: its loaded tensors, one per side (None where nothing is loaded).
+
+    ``own``: the tensors were read into the loop's own buffers, which the operation may
+    overwrite (an output written in place into finetuned's buffer)."""
+
+    pos: int
+    tensors: list[torch.Tensor | None]
+    own: bool
+
+
+def stream(
+    sides: Sequence[Side],
+    *,
+    held: Sequence[int],
+    progress: Callable[[int], None] = lambda n: None,
+    sizes: Sequence[int] | None = None,
+    after: Callable[[Callable[[], None]], None] | None = None,
+    prefetch: bool = True,
+) -> Generator[Step, None, None]:
+    """Every item's tensors, in order: the loop under every command.
+
+    ``held[pos]``: the bytes item ``pos`` holds at its peak (its inputs and the operation's
+    full-size temporaries), which bounds read-ahead. ``after(fn)``, when given, runs ``fn``
+    once the output written so far is consumed (see ``writer.CheckpointWriter.after_written``):
+    the inputs are then read into a reused ring of buffers (``BufferPool``), each item's
+    handed back through ``after``. ``prefetch``: read the next item in a thread while this one
+    is computed, when every side is a local file and the memory the largest item needs
+    anyway allows it. ``progress(sizes[pos])`` after each item (default: its loaded bytes).
+    Shards are released after their last use, also when the consumer stops early."""
+    from fapm_cli.io.sources import LocalDir, LocalFile
+
+    n = len(held)
+    loaded = [
+        [r.info.nbytes if r is not None else 0 for r in (s.load[pos] for s in sides)]
+        for pos in range(n)
+    ]
+    local = all(isinstance(s.reader.checkpoint.source, LocalDir | LocalFile) for s in sides)
+    prefetch = prefetch and local and n > 1
+    pool = None
+    if after is not None and n:
+        # Inputs go into reused buffers; an item's go back once the writer is done with them
+        # (the output may be written from finetuned's buffer, see compute.prune).
+        pool = BufferPool(inputs_at_peak(loaded, held, prefetch))
+    last: dict[tuple[int, str], int] = {}
+    for pos in range(n):
+        for k, side in enumerate(sides):
+            for shard in side.shards_of(pos):
+                last[(k, shard)] = pos
+    due: dict[int, list[tuple[int, str]]] = {}
+    for key, pos in last.items():
+        due.setdefault(pos, []).append(key)
+
+    def read(pos: int) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        """Item ``pos``'s tensors, and the pool region holding them all."""
+        sizes_here = [BufferPool.aligned(b) for b in loaded[pos]]
+        total = sum(sizes_here)
+        region = pool.take(total) if pool is not None and total else None
+        out: list[torch.Tensor | None] = []
+        at = 0
+        try:
+            for side, nbytes, step in zip(sides, loaded[pos], sizes_here, strict=True):
+                ref = side.load[pos]
+                if ref is None:
+                    out.append(None)
+                    continue
+                into = region[at : at + nbytes] if region is not None else None
+                out.append(side.reader.read(ref.info.name, into))
+                at += step
+        except BaseException:
+            if pool is not None:
+                pool.give(region)
+            raise
+        return out, region
+
+    ahead: Prefetcher | None = None
+    if prefetch:
+        jobs = [lambda pos=pos: read(pos) for pos in range(n)]
+        ahead = Prefetcher(jobs, held, [sum(x) for x in loaded], max(held))
+    try:
+        for pos in range(n):
+            if ahead is not None:
+                tensors, region = ahead.get(pos)  # type: ignore[misc]
+            else:
+                tensors, region = read(pos)
+            yield Step(pos, tensors, own=True)
+            if pool is not None and after is not None:
+                after(functools.partial(pool.give, region))
+            del tensors, region
+            for k, shard in due.get(pos, ()):
+                sides[k].reader.release_shard(shard)
+            progress(sizes[pos] if sizes is not None else sum(loaded[pos]))
+    finally:
+        if pool is not None:
+            pool.close()  # a read waiting for room must not outlive the run
+        if ahead is not None:
+            ahead.close()
+        for side in sides:
+            side.reader.close()
+
+
+def inputs_at_peak(loaded: Sequence[Sequence[int]], held: Sequence[int], prefetch: bool) -> int:
+    """The most input bytes in hand at once: one item's, plus the next one's where the
+    prefetch rule (see ``Prefetcher``) reads it ahead."""
+    pad = BufferPool.ALIGN  # every tensor of a region starts aligned, and so does the region
+    limit = max(held)
+    most = 0
+    for j, sizes in enumerate(loaded):
+        both = sum(sizes) + pad * len(sizes)
+        if prefetch and j + 1 < len(loaded) and held[j] + sum(loaded[j + 1]) <= limit:
+            both += sum(loaded[j + 1]) + pad * (len(loaded[j + 1]) + 1)
+        most = max(most, both)
+    return most

@@ -19,12 +19,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from fapm_cli.errors import InputError, UsageError
+from fapm_cli.io.reader import Checkpoint
 from fapm_cli.pairing import Difference, differences
-from fapm_cli.reader import KIND_KEY, Checkpoint
+from fapm_cli.plan import (
+    FORMAT_KEY,
+    KIND_KEY,
+    KNOWN_KINDS,
+    MODEL_KIND,
+    PROVENANCE_PREFIX,
+    TASK_VECTOR_KIND,
+)
 
-FORMAT_KEY = "fapm.format"  # "compact" for compact task vectors; absent means dense
-PROVENANCE_PREFIX = "fapm."
-KNOWN_KINDS = ("model", "task-vector", "scores")
 _READ_BLOCK = 8 << 20  # verify reads shards in blocks of this size: memory stays flat
 
 
@@ -104,8 +109,8 @@ def inspect(checkpoint: Checkpoint, tensors: bool = False, match: str | None = N
         if _provenance(header.metadata) != _provenance(meta):
             warnings.append(f"shard {shard} carries different fapm.* metadata than the first shard")
             break
-    kind = meta.get(KIND_KEY, "model")
-    fmt = meta.get(FORMAT_KEY, "dense") if kind == "task-vector" else meta.get(FORMAT_KEY)
+    kind = meta.get(KIND_KEY, MODEL_KIND)
+    fmt = meta.get(FORMAT_KEY, "dense") if kind == TASK_VECTOR_KIND else meta.get(FORMAT_KEY)
     rows = None
     if tensors or match is not None:
         pattern = compile_match(match)
@@ -240,8 +245,8 @@ def compare(a: Checkpoint, b: Checkpoint) -> Comparison:
     return Comparison(
         a=a.display,
         b=b.display,
-        a_kind=a.kind,
-        b_kind=b.kind,
+        a_kind=a.metadata.get(KIND_KEY, MODEL_KIND),
+        b_kind=b.metadata.get(KIND_KEY, MODEL_KIND),
         common=common,
         only_a=[n for n in a.tensors if n not in b.tensors],
         only_b=[n for n in b.tensors if n not in a.tensors],
@@ -382,77 +387,3 @@ def shard_bytes(checkpoint: Checkpoint) -> int:
 def names_preview(names: Sequence[str], n: int = 5) -> str:
     shown = ", ".join(names[:n])
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-# -- JSON (the schema is documented in docs/commands/inspect.md) --------------------------------
-
-
-def inspection_json(r: Inspection) -> dict[str, object]:
-    c = r.config
-    return {
-        "source": r.source,
-        "kind": r.kind,
-        "format": r.format,
-        "written_by_fapm": r.written_by_fapm,
-        "index": r.index,
-        "shards": [
-            {"name": s.name, "tensors": s.tensors, "bytes": s.file_bytes,
-             "header_bytes": s.header_bytes}
-            for s in r.shards
-        ],
-        "tensor_count": r.tensor_count,
-        "parameters": r.parameters,
-        "tensor_bytes": r.tensor_bytes,
-        "file_bytes": r.file_bytes,
-        "dtypes": [
-            {"dtype": d.dtype, "tensors": d.tensors, "parameters": d.parameters, "bytes": d.bytes}
-            for d in r.dtypes
-        ],
-        "config": None if c is None else {
-            "architecture": c.architecture, "model_type": c.model_type,
-            "hidden_size": c.hidden_size, "layers": c.layers, "vocab_size": c.vocab_size,
-            "torch_dtype": c.torch_dtype,
-        },
-        "metadata": r.metadata,
-        "provenance": r.provenance,
-        "index_metadata": r.index_metadata,
-        "tensors": None if r.tensors is None else [
-            {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "shard": t.shard,
-             "parameters": t.parameters, "bytes": t.bytes}
-            for t in r.tensors
-        ],
-        "warnings": r.warnings,
-    }  # fmt: skip
-
-
-def comparison_json(c: Comparison) -> dict[str, object]:
-    return {
-        "a": c.a,
-        "b": c.b,
-        "a_kind": c.a_kind,
-        "b_kind": c.b_kind,
-        "compatible": c.compatible,
-        "common": c.common,
-        "only_a": c.only_a,
-        "only_b": c.only_b,
-        "differences": [
-            {"name": d.name, "kind": d.kind.value, "a": d.a, "b": d.b,
-             "incompatible": d.incompatible}
-            for d in c.differences
-        ],
-    }  # fmt: skip
-
-
-def verification_json(v: Verification) -> dict[str, object]:
-    return {
-        "ok": v.ok,
-        "recorded": v.recorded,
-        "shards": [
-            {"name": s.name, "bytes": s.bytes, "sha256": s.sha256,
-             "expected_bytes": s.expected_bytes, "expected_sha256": s.expected_sha256,
-             "status": s.status.value}
-            for s in v.shards
-        ],
-        "problems": v.problems,
-        "warnings": v.warnings,
-    }  # fmt: skip

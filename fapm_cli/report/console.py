@@ -1,0 +1,124 @@
+"""How results reach a person or a script: JSON on stdout, tables for people, warnings on stderr,
+progress bars on a terminal. Colour and bars only appear on a terminal, never when ``NO_COLOR`` is
+set (colour) or ``--quiet`` is given. Nothing in ``report`` imports torch or the engine: it
+renders the plain records of ``fapm_cli.records``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO, TypeVar
+
+JSON_SCHEMA_VERSION = 1
+T = TypeVar("T")
+
+
+def is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def console(stream: TextIO | None = None) -> Any:
+    from rich.console import Console
+
+    stream = stream or sys.stdout
+    return Console(
+        file=stream,
+        no_color="NO_COLOR" in os.environ,
+        force_terminal=None,
+        highlight=False,
+        soft_wrap=not is_terminal(stream),
+    )
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def emit_json(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def show(
+    warnings: Sequence[str],
+    result: T,
+    *,
+    json_out: bool,
+    quiet: bool,
+    as_json: Callable[[T], dict[str, Any]],
+    as_table: Callable[[T], None],
+) -> None:
+    """How every command ends: warnings on stderr, then the result on stdout as one JSON
+    object (--json) or as tables; --quiet keeps only the JSON."""
+    if not quiet:
+        for w in warnings:
+            warn(w)
+    if json_out:
+        emit_json(as_json(result))
+    elif not quiet:
+        as_table(result)
+
+
+class BarProgress:
+    """A tqdm bar by bytes with ETA on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and is_terminal(sys.stderr)
+        self._bar: Any = None
+
+    def start(self, total_bytes: int, label: str) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=total_bytes,
+            desc=label,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=False,
+        )
+
+    def advance(self, nbytes: int) -> None:
+        if self._bar is not None:
+            self._bar.update(nbytes)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def wide_console() -> Any:
+    """A console for wide tables: piped output is not folded at 80 columns."""
+    out = console()
+    if not is_terminal(sys.stdout):
+        out.width = max(out.width, 160)
+    return out
+
+
+def pairs_table(rows: list[tuple[str, str]]) -> Any:
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    return table

@@ -1,0 +1,124 @@
+"""``fapm score``: the forgetting report of a fine-tune against its base; writes no model.
+
+Tensors are paired by ``plan.plan_prune`` with default options, so the inputs ``prune`` would
+refuse are refused here too, before any tensor data is read; then every float pair goes through
+the one loop (``reader.stream``: read-ahead, shards released after their last use) and
+``compute.score``. ``--save-scores`` writes the FAPM scores through ``output.Output``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from fractions import Fraction
+from pathlib import Path
+
+from fapm_cli.compute.score import score_tensor
+from fapm_cli.compute.scoring import workspace
+from fapm_cli.io.header import DTYPES, PlannedTensor
+from fapm_cli.io.output import Output
+from fapm_cli.io.reader import Side, TensorReader, stream
+from fapm_cli.plan import (
+    SCORES_KIND,
+    Action,
+    NoProgress,
+    Progress,
+    PruneOptions,
+    held_bytes,
+    order_for_disk,
+    plan_prune,
+    provenance,
+)
+from fapm_cli.records import ForgettingReport, TensorScore, layer_of, module_of
+from fapm_cli.verbs.inputs import Inputs
+
+
+def score(
+    base_source: str,
+    finetuned_source: str,
+    sparsity: Fraction,
+    lam: float = 1.0,
+    *,
+    save_scores: str | None = None,
+    overwrite: bool = False,
+    max_shard_size: int = 5 * 10**9,
+    progress: Progress | None = None,
+    disk_budget: int | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> ForgettingReport:
+    """Score every float tensor pair of ``finetuned`` against ``base``; writes no model.
+
+    ``disk_budget``: as in ``verbs.prune.prune``; each Hub shard is deleted once scored."""
+    started = time.monotonic()
+    progress = progress or NoProgress()
+    show = bool(getattr(progress, "enabled", False))
+    with Inputs(disk_budget, show) as inputs:
+        base = inputs.open("base", base_source)
+        finetuned = inputs.open("finetuned", finetuned_source)
+        items = plan_prune(base, finetuned, PruneOptions(sparsity=sparsity, lam=lam))
+        scored = [i for i in items if i.action is Action.PRUNE]
+        skipped = [i.name for i in items if i.action is not Action.PRUNE]
+        if inputs.budget is not None:
+            scored = order_for_disk(scored, inputs.fetch_costs(), inputs.budget.limit)
+        job = None
+        if save_scores is not None:
+            out = Output(Path(save_scores), max_shard_size, overwrite)
+            out.check(inputs.local_paths())
+            metadata = provenance(
+                SCORES_KIND,
+                lam=lam,
+                sources={
+                    "base": base.source.provenance(),
+                    "finetuned": finetuned.source.provenance(),
+                },
+            )
+            planned = [PlannedTensor(i.name, DTYPES["F32"], i.out.shape) for i in scored]
+            job = out.open(planned, metadata, {}, {})
+        results: list[TensorScore] = []
+        try:
+            progress.start(sum(i.read_bytes for i in scored), "score")
+            sides = [
+                Side(TensorReader(base), [i.base for i in scored]),
+                Side(TensorReader(finetuned), [i.finetuned for i in scored]),
+            ]
+            steps = stream(sides, held=[held_bytes(i) for i in scored], progress=progress.advance)
+            with workspace(device, threads) as ws, contextlib.closing(steps):
+                for step in steps:
+                    item = scored[step.pos]
+                    b, f = step.tensors
+                    assert b is not None and f is not None
+                    write = None
+                    if job is not None:
+                        job.writer.begin(item.name)
+                        write = job.writer.write
+                    sums = score_tensor(item.name, b, f, sparsity, lam, write, ws)
+                    del b, f
+                    results.append(
+                        TensorScore(
+                            item.name,
+                            item.out.shape,
+                            item.out.dtype.name,
+                            layer_of(item.name),
+                            module_of(item.name),
+                            sums,
+                        )
+                    )
+            if job is not None:
+                job.finish([])
+        except BaseException:
+            if job is not None:
+                job.abort()
+            raise
+        finally:
+            progress.close()
+    return ForgettingReport(
+        base.source.provenance(),
+        finetuned.source.provenance(),
+        sparsity,
+        lam,
+        results,
+        skipped,
+        save_scores,
+        time.monotonic() - started,
+    )
