@@ -1,0 +1,244 @@
+"""Independent oracles for what no other test compares with an outside computation.
+
+Every expected value here is computed in this file, with plain torch, from METHOD.md and
+docs/formats.md, and never with fapm's own code: fapm is driven only through its CLI. Outputs
+are compared bit for bit (integer views of the bytes), so signed zeros, subnormals and
+rounding would all count.
+
+- ``prune --dtype`` for every input x output float dtype, and mixed-dtype pairs;
+- the chain on signed zeros, subnormals and exponent gaps: ``diff`` (base + stored delta is
+  finetuned) and ``prune --task-vector`` (equal to the reference prune of base, finetuned);
+- ``--method random`` (DARE): the documented per-block seeding rule, rescaled kept entries,
+  ``--threads`` and ``--part`` / ``--finalize`` giving the same bytes;
+- ``merge`` of fine-tunes with ``--method``, ``--lam``, ``--seed``, ``--dtype``;
+- ``score --lam``, ``score --plot-metric``, ``prune --files-from``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fapm_cli.cli.app import app
+from tests.checkpoints import load_checkpoint, make_pair, write_checkpoint
+
+runner = CliRunner()
+
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads() -> Iterator[None]:
+    # Every CLI run sets torch's thread count for the process (see test_state.py); put it back.
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def fapm(*args: str) -> str:
+    r = runner.invoke(app, list(args))
+    assert r.exit_code == 0, r.output
+    return r.stdout
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous().reshape(-1)
+    return t.view(_INT[t.element_size()])
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    assert (got.dtype, tuple(got.shape)) == (want.dtype, tuple(want.shape)), name
+    differ = int((bits(got) != bits(want)).sum())
+    assert differ == 0, f"{name}: {differ} of {want.numel()} entries differ"
+
+
+def assert_checkpoint(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for name, w in want.items():
+        assert_same_bits(got[name], w, name)
+
+
+# -- the reference (METHOD.md), whole tensors, a full stable sort -----------------------------
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def ref_scores(b: torch.Tensor, f: torch.Tensor, method: str, lam: float) -> torch.Tensor:
+    """S per entry, flat, in float32 (float64 when either side is float64)."""
+    cdt = compute_dtype(b.dtype, f.dtype)
+    bw, fw = b.reshape(-1).to(cdt), f.reshape(-1).to(cdt)
+    a = (fw - bw).abs()
+    if method == "magnitude":
+        return a
+    rel = a / bw.abs()
+    if method == "fapm":
+        # m = mean |base|, summed in float64 and rounded once to the compute dtype.
+        m = (bw.to(torch.float64).abs().sum() / max(bw.numel(), 1)).to(cdt)
+        s = a - (torch.tensor(lam, dtype=cdt) * m) * rel
+    else:  # ratio
+        s = -rel
+    return s.masked_fill(bw == 0, float("-inf"))
+
+
+def ref_mask(
+    b: torch.Tensor, f: torch.Tensor, sparsity: Fraction, method: str, lam: float = 1.0
+) -> torch.Tensor:
+    """Exactly floor(n * (1 - s)) entries with the highest S; ties: lowest flat index first."""
+    n = b.numel()
+    k = int(n * (1 - sparsity))
+    order = torch.sort(ref_scores(b, f, method, lam), descending=True, stable=True).indices
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def dare_mask(seed: int, name: str, n: int, sparsity: Fraction) -> torch.Tensor:
+    """DARE's keep mask by its documented seeding rule: per block of 2^20 entries, a generator
+    seeded with blake2b(f"{seed}\\0{name}\\0{block}", 8 bytes) little-endian & (2^63 - 1)."""
+    keep = float(1 - sparsity)
+    block_size = 1 << 20
+    parts = [torch.zeros(0, dtype=torch.bool)]
+    for block, start in enumerate(range(0, n, block_size)):
+        digest = hashlib.blake2b(f"{seed}\0{name}\0{block}".encode(), digest_size=8).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+        parts.append(torch.rand(min(block_size, n - start), generator=gen) < keep)
+    return torch.cat(parts)
+
+
+def dare_scale(sparsity: Fraction) -> float:
+    return float(1 / (1 - sparsity)) if 0 < sparsity < 1 else 1.0
+
+
+def ref_keep(
+    name: str, b: torch.Tensor, f: torch.Tensor, s: Fraction, method: str, lam: float, seed: int
+) -> torch.Tensor:
+    if method == "random":
+        return dare_mask(seed, name, b.numel(), s)
+    return ref_mask(b, f, s, method, lam)
+
+
+def ref_prune_tensor(
+    name: str,
+    b: torch.Tensor,
+    f: torch.Tensor,
+    s: Fraction,
+    method: str = "fapm",
+    lam: float = 1.0,
+    seed: int = 0,
+    out: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The output tensor: finetuned where kept, base elsewhere, each converted to the output
+    dtype (finetuned's unless given); DARE's kept entries are b + (f - b) / (1 - s) in the
+    compute dtype, converted once."""
+    out = out or f.dtype
+    if not f.is_floating_point():
+        return f.clone()
+    mask = ref_keep(name, b, f, s, method, lam, seed)
+    bf, ff = b.reshape(-1), f.reshape(-1)
+    scale = dare_scale(s) if method == "random" else 1.0
+    if scale != 1.0:
+        cdt = compute_dtype(b.dtype, f.dtype)
+        kept = (bf.to(cdt) + (ff.to(cdt) - bf.to(cdt)) * scale).to(out)
+    else:
+        kept = ff.to(out)
+    return torch.where(mask, kept, bf.to(out)).reshape(f.shape)
+
+
+def ref_prune(
+    base: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], s: Fraction, **kw: object
+) -> dict[str, torch.Tensor]:
+    return {name: ref_prune_tensor(name, base[name], f, s, **kw) for name, f in ft.items()}  # type: ignore[arg-type]
+
+
+def awkward(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, finetuned) rows no single float delta reproduces: signed zeros, subnormals,
+    exponent gaps of 2^16 (and more where the dtype has the range), ties, zeros in base."""
+    tiny = torch.finfo(dtype).smallest_normal
+    rows = [
+        (1.0, 2.0**-16), (2.0**8, 2.0**-8), (-(2.0**-4), 2.0**12), (1.0, -(2.0**-17)),
+        (0.5, -0.0), (0.0, -0.0), (-0.0, 0.0), (-0.0, -0.0), (-0.0, 0.25), (0.0, 0.0),
+        (tiny / 4, tiny / 2), (-tiny / 2, tiny / 4), (1.0, tiny / 8), (tiny / 8, 1.0),
+        (1.0, -1.0), (3.0, 3.0), (0.75, 1.0 / 3.0), (0.75, 1.0 / 3.0), (-2.0, -2.0**-3),
+    ]  # fmt: skip
+    if dtype != torch.float16:  # float16 has no 2^-40, and 2^20 overflows it
+        rows += [(1.0, 2.0**-100), (2.0**20, 2.0**-20), (2.0**-40, 2.0**10)]
+    b = torch.tensor([r[0] for r in rows], dtype=torch.float64).to(dtype)
+    f = torch.tensor([r[1] for r in rows], dtype=torch.float64).to(dtype)
+    return b, f
+
+
+def pair(
+    seed: int, base_dtype: torch.dtype, ft_dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """make_pair (awkward shapes, ties, zeros in base) plus the awkward rows, in two dtypes."""
+    base, ft = make_pair(seed=seed, dtype=torch.float64)
+    order = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # by range
+    narrowest = next(d for d in order if d in (base_dtype, ft_dtype))
+    ab, af = awkward(narrowest)  # subnormals of the narrower side's dtype
+    base["awkward.weight"], ft["awkward.weight"] = ab.double(), af.double()
+    cast = lambda t, d: t.to(d) if t.is_floating_point() else t  # noqa: E731
+    return {k: cast(v, base_dtype) for k, v in base.items()}, {
+        k: cast(v, ft_dtype) for k, v in ft.items()
+    }
+
+
+# -- prune --dtype, and mixed-dtype pairs ------------------------------------------------------
+
+
+@pytest.mark.parametrize("out_name", list(DTYPES))
+@pytest.mark.parametrize("in_name", list(DTYPES))
+def test_prune_dtype_is_the_reference_converted(
+    tmp_path: Path, in_name: str, out_name: str, kernels: str
+) -> None:
+    dtype, out = DTYPES[in_name], DTYPES[out_name]
+    base, ft = pair(21, dtype, dtype)
+    b = write_checkpoint(tmp_path / "b", base, shard_bytes=3000)
+    f = write_checkpoint(tmp_path / "f", ft)
+    s = Fraction(6, 10)
+    fapm("prune", "-b", str(b), "-f", str(f), "-s", "0.6", "--lam", "0.7", "--dtype", out_name,
+         "-o", str(tmp_path / "o"), "-q")  # fmt: skip
+    got = load_checkpoint(tmp_path / "o")
+    assert_checkpoint(got, ref_prune(base, ft, s, lam=0.7, out=out))
+    assert got["model.position_ids"].dtype == torch.int64  # --dtype is for float tensors only
+
+
+@pytest.mark.parametrize(
+    ("base_name", "ft_name"),
+    [
+        ("float32", "bfloat16"),
+        ("bfloat16", "float32"),
+        ("float16", "bfloat16"),
+        ("bfloat16", "float16"),
+        ("float32", "float16"),
+        ("float64", "bfloat16"),
+        ("float32", "float64"),
+    ],
+)
+@pytest.mark.parametrize("method", ["fapm", "magnitude", "ratio"])
+def test_mixed_dtype_pairs_score_widened_and_write_finetuned_dtype(
+    tmp_path: Path, base_name: str, ft_name: str, method: str, kernels: str
+) -> None:
+    base, ft = pair(22, DTYPES[base_name], DTYPES[ft_name])
+    b = write_checkpoint(tmp_path / "b", base)
+    f = write_checkpoint(tmp_path / "f", ft, shard_bytes=2500)
+    fapm("prune", "-b", str(b), "-f", str(f), "-s", "0.7", "-m", method, "--lam", "1.5",
+         "-o", str(tmp_path / "o"), "-q")  # fmt: skip
+    got = load_checkpoint(tmp_path / "o")
+    # Scores from both sides widened to float32 (float64 when one is), output in finetuned's
+    # dtype: kept entries are finetuned's bytes, dropped ones base's value rounded to it.
+    assert_checkpoint(got, ref_prune(base, ft, Fraction(7, 10), method=method, lam=1.5))
+    assert {t.dtype for n, t in got.items() if n != "model.position_ids"} == {DTYPES[ft_name]}
