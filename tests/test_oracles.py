@@ -17,12 +17,14 @@ rounding would all count.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from fapm_cli.cli.app import app
@@ -242,3 +244,78 @@ def test_mixed_dtype_pairs_score_widened_and_write_finetuned_dtype(
     # dtype: kept entries are finetuned's bytes, dropped ones base's value rounded to it.
     assert_checkpoint(got, ref_prune(base, ft, Fraction(7, 10), method=method, lam=1.5))
     assert {t.dtype for n, t in got.items() if n != "model.position_ids"} == {DTYPES[ft_name]}
+
+
+# -- the chain on awkward floats: diff, then prune --task-vector --------------------------------
+
+
+def gaps(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows a float32 or float64 delta does reproduce (docs/formats.md): exponent gaps of up to
+    2^16 (2^30 needs float64 for float32 inputs), subnormals, an untouched -0.0."""
+    tiny = torch.finfo(dtype).smallest_normal
+    rows = [
+        (1.0, 2.0**-16), (2.0**8, 2.0**-8), (-(2.0**-4), 2.0**12), (tiny / 4, tiny / 2),
+        (-tiny / 2, tiny / 4), (tiny / 8, tiny), (3.0, 3.0), (0.75, 1.0 / 3.0), (0.5, 0.0),
+        (-0.0, -0.0),  # untouched: the zero delta keeps base's -0.0 (base + 0 would be +0.0)
+    ]  # fmt: skip
+    if dtype != torch.float16:
+        rows += [(1.0, 2.0**-30), (2.0**-30, 1.0)]
+    b = torch.tensor([r[0] for r in rows], dtype=torch.float64).to(dtype)
+    f = torch.tensor([r[1] for r in rows], dtype=torch.float64).to(dtype)
+    return b, f
+
+
+def read_dense(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors = load_checkpoint(path)
+    metas = []
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as fh:
+            metas.append(fh.metadata())
+    assert metas and all(m == metas[0] for m in metas)  # every shard carries the same keys
+    return tensors, metas[0]
+
+
+def model_from_dense(
+    tv: dict[str, torch.Tensor], meta: dict[str, str], base: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """docs/formats.md, dense: model = base where d == 0 (base's bytes, converted), else
+    fl_model(fl_c(base + d)), c = float32 or float64; ``fapm.values`` tensors are the model."""
+    values = json.loads(meta.get("fapm.values", "[]"))
+    dtypes = json.loads(meta.get("fapm.model_dtypes", "{}"))
+    by_code = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+               "F64": torch.float64}  # fmt: skip
+    out = {}
+    for name, d in tv.items():
+        if name in values or not d.is_floating_point():
+            out[name] = d
+            continue
+        model = by_code[dtypes.get(name, meta["fapm.model_dtype"])]
+        b = base[name]
+        c = compute_dtype(b.dtype, d.dtype)
+        out[name] = torch.where(d == 0, b.to(model), (b.to(c) + d.to(c)).to(model))
+    return out, values
+
+
+@pytest.mark.parametrize("name", list(DTYPES))
+def test_diff_then_prune_task_vector_on_awkward_floats(tmp_path: Path, name: str) -> None:
+    dtype = DTYPES[name]
+    base, ft = pair(23, dtype, dtype)
+    base["gaps.weight"], ft["gaps.weight"] = gaps(dtype)
+    b = write_checkpoint(tmp_path / "b", base, shard_bytes=2000)
+    f = write_checkpoint(tmp_path / "f", ft, shard_bytes=3000)
+    fapm("diff", "-b", str(b), "-f", str(f), "-o", str(tmp_path / "tv"), "-q",
+         "--max-shard-size", "2kB")  # fmt: skip
+    tv, meta = read_dense(tmp_path / "tv")
+    assert (meta["fapm.kind"], meta["fapm.format"]) == ("task-vector", "dense")
+    rebuilt, values = model_from_dense(tv, meta, base)
+    assert_checkpoint(rebuilt, ft)  # base + stored delta is finetuned, bit for bit
+    # A -0.0 of finetuned (or +0.0 over a -0.0 of base) has no delta: stored as values; the
+    # gaps have one (float32, or float64 for 2^30), so they are stored as deltas.
+    assert "awkward.weight" in values and "gaps.weight" not in values
+    assert tv["gaps.weight"].dtype in (torch.float32, torch.float64)
+    for s, method in (("0", "fapm"), ("0.5", "fapm"), ("0.9", "fapm"), ("0.6", "magnitude")):
+        out = tmp_path / f"p-{s}-{method}"
+        fapm("prune", "-b", str(b), "-t", str(tmp_path / "tv"), "-s", s, "-m", method,
+             "-o", str(out), "-q")  # fmt: skip
+        want = ref_prune(base, ft, Fraction(s), method=method)
+        assert_checkpoint(load_checkpoint(out), want)
