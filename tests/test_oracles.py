@@ -28,7 +28,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from fapm_cli.cli.app import app
-from tests.checkpoints import load_checkpoint, make_pair, write_checkpoint
+from tests.checkpoints import load_checkpoint, make_pair, tree_hash, write_checkpoint
 
 runner = CliRunner()
 
@@ -319,3 +319,67 @@ def test_diff_then_prune_task_vector_on_awkward_floats(tmp_path: Path, name: str
              "-o", str(out), "-q")  # fmt: skip
         want = ref_prune(base, ft, Fraction(s), method=method)
         assert_checkpoint(load_checkpoint(out), want)
+
+
+# -- --method random (DARE) ------------------------------------------------------------------
+
+
+def dare_pair(dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """make_pair plus a tensor of more than one 2^20-entry block (the mask is drawn per block)."""
+    base, ft = pair(24, dtype, dtype)
+    gen = torch.Generator().manual_seed(25)
+    n = (1 << 20) + 4099
+    b = torch.randn(n, generator=gen) * 0.02
+    base["big.weight"] = b.to(dtype)
+    ft["big.weight"] = (b + torch.randn(n, generator=gen) * 1e-3).to(dtype)
+    return base, ft
+
+
+@pytest.mark.parametrize("sparsity", ["0.3", "0.5", "0.9", "0", "1"])
+@pytest.mark.parametrize("name", ["float32", "bfloat16"])
+def test_dare_is_the_seeded_mask_with_rescaled_updates(
+    tmp_path: Path, name: str, sparsity: str
+) -> None:
+    dtype = DTYPES[name]
+    base, ft = dare_pair(dtype)
+    b = write_checkpoint(tmp_path / "b", base, shard_bytes=1 << 20)
+    f = write_checkpoint(tmp_path / "f", ft)
+    fapm("prune", "-b", str(b), "-f", str(f), "-m", "random", "--seed", "11", "-s", sparsity,
+         "-o", str(tmp_path / "o"), "-q")  # fmt: skip
+    got = load_checkpoint(tmp_path / "o")
+    s = Fraction(sparsity)
+    assert_checkpoint(got, ref_prune(base, ft, s, method="random", seed=11))
+    # And spelled out on the big tensor: dropped entries are base's bytes, kept ones the
+    # rescaled update computed in float32 and converted once.
+    bb, fb, ob = base["big.weight"], ft["big.weight"], got["big.weight"]
+    keep = dare_mask(11, "big.weight", bb.numel(), s)
+    assert torch.equal(bits(ob)[~keep], bits(bb)[~keep])
+    scaled = (bb.float() + (fb.float() - bb.float()) * dare_scale(s)).to(dtype)
+    assert torch.equal(bits(ob)[keep], bits(scaled)[keep])
+    if 0 < s < 1:  # the mask really is Bernoulli(1 - s) in each block, not all or nothing
+        first, second = keep[: 1 << 20], keep[1 << 20 :]
+        for part in (first, second):
+            assert abs(float(part.float().mean()) - float(1 - s)) < 0.05
+        assert not torch.equal(first[: second.numel()], second)  # blocks are seeded apart
+    if s == 0:
+        assert_checkpoint(got, ft)
+
+
+def test_dare_bytes_do_not_depend_on_threads_or_parts(tmp_path: Path) -> None:
+    base, ft = dare_pair(torch.bfloat16)
+    b = write_checkpoint(tmp_path / "b", base, shard_bytes=1 << 20)
+    f = write_checkpoint(tmp_path / "f", ft, shard_bytes=3000)
+    args = ["-b", str(b), "-f", str(f), "-m", "random", "--seed", "3", "-s", "0.7", "-q",
+            "--max-shard-size", "2kB"]  # fmt: skip
+    fapm("prune", *args, "-o", str(tmp_path / "single"))
+    fapm("prune", *args, "-o", str(tmp_path / "one-thread"), "--threads", "1")
+    fapm("prune", *args, "-o", str(tmp_path / "two-threads"), "--threads", "2")
+    for i in (1, 2):
+        fapm("prune", *args, "-o", str(tmp_path / "joined"), "--part", f"{i}/2")
+    fapm("prune", *args, "-o", str(tmp_path / "joined"), "--finalize")
+    single = tree_hash(tmp_path / "single")
+    assert len([p for p in single if p.endswith(".safetensors")]) >= 3  # really several shards
+    for other in ("one-thread", "two-threads", "joined"):
+        assert tree_hash(tmp_path / other) == single, other
+    want = ref_prune(base, ft, Fraction(7, 10), method="random", seed=3)
+    assert_checkpoint(load_checkpoint(tmp_path / "single"), want)
