@@ -383,3 +383,102 @@ def test_dare_bytes_do_not_depend_on_threads_or_parts(tmp_path: Path) -> None:
         assert tree_hash(tmp_path / other) == single, other
     want = ref_prune(base, ft, Fraction(7, 10), method="random", seed=3)
     assert_checkpoint(load_checkpoint(tmp_path / "single"), want)
+
+
+# -- merge of fine-tunes with --method, --lam, --seed, --dtype ----------------------------------
+
+
+def ref_merge(
+    base: dict[str, torch.Tensor],
+    fts: list[dict[str, torch.Tensor]],
+    weights: list[float],
+    s: Fraction,
+    method: str,
+    lam: float,
+    seed: int,
+    out: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
+    """One input of weight 1: that prune's bytes. Otherwise, per tensor, each input's masked
+    tau (rescaled for DARE) summed with its weight in float32 (float64 if any side is), in
+    input order; base + sum rounded once where any input kept an entry, base elsewhere."""
+    if len(fts) == 1 and weights == [1.0]:
+        return ref_prune(base, fts[0], s, method=method, lam=lam, seed=seed, out=out)
+    result = {}
+    for name, b in base.items():
+        if not b.is_floating_point():
+            result[name] = fts[0][name].clone()
+            continue
+        target = out or fts[0][name].dtype
+        bf = b.reshape(-1)
+        cdt = compute_dtype(b.dtype, *(ft[name].dtype for ft in fts))
+        acc = torch.zeros(bf.numel(), dtype=cdt)
+        touched = torch.zeros(bf.numel(), dtype=torch.bool)
+        for ft, w in zip(fts, weights, strict=True):
+            f = ft[name]
+            mask = ref_keep(name, b, f, s, method, lam, seed)
+            tau = f.reshape(-1).to(cdt) - bf.to(cdt)
+            if method == "random":
+                tau = tau * dare_scale(s)
+            acc.add_(tau.masked_fill(~mask, 0), alpha=w)
+            touched |= mask
+        merged = torch.where(touched, (bf.to(cdt) + acc).to(target), bf.to(target))
+        result[name] = merged.reshape(b.shape)
+    return result
+
+
+@pytest.fixture
+def three_bf16(tmp_path: Path) -> tuple[list[Path], list[dict[str, torch.Tensor]]]:
+    """A bf16 base and two bf16 fine-tunes of it with different updates."""
+    base, ft1 = pair(26, torch.bfloat16, torch.bfloat16)
+    _, ft2 = make_pair(seed=27, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(28)
+    for name, b in base.items():
+        if b.is_floating_point():
+            ft2[name] = (b.float() + torch.randn(b.shape, generator=gen) * 2e-3).to(b.dtype)
+    dirs = [
+        write_checkpoint(tmp_path / "b", base, shard_bytes=1500),
+        write_checkpoint(tmp_path / "f1", ft1),
+        write_checkpoint(tmp_path / "f2", ft2, shard_bytes=2500),
+    ]
+    return dirs, [base, ft1, ft2]
+
+
+@pytest.mark.parametrize(
+    ("method", "lam", "seed", "dtype", "weights"),
+    [
+        ("fapm", 0.5, 0, None, (0.6, 0.4)),
+        ("fapm", 2.0, 0, "float32", (1.0, 1.0)),
+        ("magnitude", 1.0, 0, "float16", (0.7, -0.2)),
+        ("ratio", 1.0, 0, None, (0.5, 0.5)),
+        ("random", 1.0, 9, None, (0.6, 0.4)),
+        ("random", 1.0, 10, "float32", (1.0, 0.3)),
+        ("fapm", 0.5, 0, "float64", (1.0,)),  # one input of weight 1: prune's bytes
+        ("random", 1.0, 4, "float32", (1.0,)),
+        ("magnitude", 1.0, 0, None, (1.0,)),
+    ],
+)
+def test_merge_of_finetunes_is_the_reference(
+    tmp_path: Path,
+    three_bf16: tuple[list[Path], list[dict[str, torch.Tensor]]],
+    method: str,
+    lam: float,
+    seed: int,
+    dtype: str | None,
+    weights: tuple[float, ...],
+) -> None:
+    (b, f1, f2), (base, ft1, ft2) = three_bf16
+    inputs = [f1, f2][: len(weights)]
+    args = ["merge", "-b", str(b), *(a for f in inputs for a in ("-f", str(f)))]
+    args += [a for w in weights for a in ("-w", repr(w))]
+    args += ["-s", "0.6", "-m", method, "--lam", repr(lam), "--seed", str(seed)]
+    args += ["--dtype", dtype] if dtype else []
+    fapm(*args, "-o", str(tmp_path / "m"), "-q")
+    want = ref_merge(base, [ft1, ft2][: len(weights)], list(weights), Fraction(6, 10), method,
+                     lam, seed, DTYPES[dtype] if dtype else None)  # fmt: skip
+    assert_checkpoint(load_checkpoint(tmp_path / "m"), want)
+    if len(weights) == 1:  # and the same bytes as prune with the same options
+        args = ["prune", "-b", str(b), "-f", str(f1), "-s", "0.6", "-m", method,
+                "--lam", repr(lam), "--seed", str(seed)]  # fmt: skip
+        args += ["--dtype", dtype] if dtype else []
+        fapm(*args, "-o", str(tmp_path / "p"), "-q")
+        assert_checkpoint(load_checkpoint(tmp_path / "m"), load_checkpoint(tmp_path / "p"))
