@@ -482,3 +482,191 @@ def test_merge_of_finetunes_is_the_reference(
         args += ["--dtype", dtype] if dtype else []
         fapm(*args, "-o", str(tmp_path / "p"), "-q")
         assert_checkpoint(load_checkpoint(tmp_path / "m"), load_checkpoint(tmp_path / "p"))
+
+
+# -- score --lam and --plot-metric ---------------------------------------------------------------
+
+# Where each tensor of make_pair lands in the layer x module grid (forgetting's naming rules).
+CELLS = {
+    "model.embed_tokens.weight": (None, "embeddings"),
+    "model.layers.0.self_attn.q_proj.weight": (0, "q"),
+    "model.layers.0.self_attn.q_proj.bias": (0, "q"),
+    "model.layers.0.mlp.up_proj.weight": (0, "mlp"),
+    "model.layers.0.input_layernorm.weight": (0, "norms"),
+    "model.layers.1.mlp.down_proj.weight": (1, "mlp"),
+    "model.layers.1.odd": (1, "other"),
+    "model.layers.1.one": (1, "other"),
+    "model.layers.1.scalar": (1, "other"),
+    "model.norm.weight": (None, "norms"),
+    "lm_head.weight": (None, "lm_head"),
+}
+
+
+def ref_sums(b: torch.Tensor, f: torch.Tensor, s: Fraction, lam: float) -> dict[str, float]:
+    """The additive totals behind every figure of `fapm score`, for one tensor."""
+    bw, fw = b.reshape(-1).float(), f.reshape(-1).float()
+    tau = fw - bw
+    a = tau.abs()
+    nz = bw != 0
+    fm, mm = ref_mask(b, f, s, "fapm", lam), ref_mask(b, f, s, "magnitude")
+    sq = (tau * tau).double()
+    return {
+        "numel": b.numel(),
+        "abs_tau": float(a.double().sum()),
+        "rel": float((a[nz] / bw[nz].abs()).double().sum()),
+        "nonzero": int(nz.sum()),
+        "positive": int((ref_scores(b, f, "fapm", lam) > 0).sum()),
+        "sq": float(sq.sum()),
+        "sq_fapm": float(sq[fm].sum()),
+        "sq_magnitude": float(sq[mm].sum()),
+        "kept": int(fm.sum()),
+        "overlap": int((fm & mm).sum()),
+    }
+
+
+def ref_figures(t: dict[str, float]) -> dict[str, float | None]:
+    union = 2 * t["kept"] - t["overlap"]
+    return {
+        "mean_abs_tau": t["abs_tau"] / t["numel"],
+        "mean_rel_change": t["rel"] / t["nonzero"] if t["nonzero"] else None,
+        "positive_score_fraction": t["positive"] / t["numel"],
+        "fapm_sq_norm_kept_fraction": t["sq_fapm"] / t["sq"] if t["sq"] > 0 else None,
+        "magnitude_sq_norm_kept_fraction": t["sq_magnitude"] / t["sq"] if t["sq"] > 0 else None,
+        "mask_jaccard": t["overlap"] / union if union else None,
+    }
+
+
+@pytest.fixture
+def scored_pair(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor], dict]:
+    base, ft = make_pair(seed=29)
+    # Updates as large as base in places: the penalty term decides whether S > 0 there.
+    gen = torch.Generator().manual_seed(30)
+    for name, bt in base.items():
+        if bt.is_floating_point():
+            ft[name] = ft[name] + torch.randn(bt.shape, generator=gen) * 0.01
+    b = write_checkpoint(tmp_path / "b", base, shard_bytes=2000)
+    f = write_checkpoint(tmp_path / "f", ft)
+    return b, f, base, ft
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, 3.0])
+def test_score_lam_moves_the_figures_as_the_reference_predicts(
+    scored_pair: tuple[Path, Path, dict, dict], lam: float
+) -> None:
+    b, f, base, ft = scored_pair
+    s = Fraction(8, 10)
+    doc = json.loads(fapm("score", "-b", str(b), "-f", str(f), "-s", "0.8", "--lam", repr(lam),
+                          "--json"))  # fmt: skip
+    assert doc["lam"] == lam
+    rows = {t["name"]: t for t in doc["tensors"]}
+    assert set(rows) == set(CELLS) and doc["skipped"] == ["model.position_ids"]
+    for name, row in rows.items():
+        want = ref_sums(base[name], ft[name], s, lam)
+        fig = ref_figures(want)
+        assert row["kept"] == want["kept"] == int(want["numel"] * (1 - s)), name
+        assert row["positive_score_fraction"] == fig["positive_score_fraction"], name
+        assert row["mask_jaccard"] == fig["mask_jaccard"], name
+        for key in ("fapm_sq_norm_kept_fraction", "magnitude_sq_norm_kept_fraction"):
+            assert row[key] == pytest.approx(fig[key], rel=1e-9), (name, key)
+    # The figures really depend on lam here: lam 1 predicts other values for some tensors.
+    at_one = {n: ref_figures(ref_sums(base[n], ft[n], s, 1.0)) for n in rows}
+    if lam != 1.0:
+        changed = [
+            n for n in rows
+            if rows[n]["positive_score_fraction"] != at_one[n]["positive_score_fraction"]
+        ]  # fmt: skip
+        kept_changed = [
+            n for n in rows
+            if rows[n]["fapm_sq_norm_kept_fraction"] != pytest.approx(
+                at_one[n]["fapm_sq_norm_kept_fraction"], rel=1e-9)
+        ]  # fmt: skip
+        assert len(changed) >= 3 and len(kept_changed) >= 3, (changed, kept_changed)
+
+
+def _fmt(v: float | None) -> str:  # the plot's number format: 4 significant digits
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+@pytest.mark.parametrize(
+    "metric",
+    ["mean_rel_change", "mean_abs_tau", "positive_score_fraction", "fapm_sq_norm_kept_fraction",
+     "mask_jaccard"],
+)  # fmt: skip
+def test_plot_metric_html_shows_each_cell_of_that_metric(
+    tmp_path: Path, scored_pair: tuple[Path, Path, dict, dict], metric: str
+) -> None:
+    b, f, base, ft = scored_pair
+    s = Fraction(9, 10)
+    plot = tmp_path / "plot.html"
+    doc = json.loads(fapm("score", "-b", str(b), "-f", str(f), "--lam", "0.5", "--json",
+                          "--plot", str(plot), "--plot-metric", metric))  # fmt: skip
+    assert doc["plot"] == str(plot)
+    page = plot.read_text()
+    assert f"<b>{metric}</b>" in page
+    cells: dict[tuple[int | None, str], dict[str, float]] = {}
+    for name, cell in CELLS.items():
+        t = ref_sums(base[name], ft[name], s, 0.5)
+        cells[cell] = {k: cells.get(cell, {}).get(k, 0) + v for k, v in t.items()}
+    for (layer, module), sums in cells.items():
+        label = "no layer" if layer is None else str(layer)
+        tip = f"<title>layer {label}, {module}: {metric} = {_fmt(ref_figures(sums)[metric])}"
+        assert tip in page, tip
+    # A cell with no tensors is grey, and says so.
+    assert f"<title>layer 1, q: {metric} = n/a</title>" in page
+
+
+def test_plot_files_differ_by_metric(
+    tmp_path: Path, scored_pair: tuple[Path, Path, dict, dict]
+) -> None:
+    b, f, *_ = scored_pair
+    pytest.importorskip("matplotlib")
+    pages = {}
+    for metric in ("mean_abs_tau", "mask_jaccard"):
+        for suffix in ("html", "png"):
+            path = tmp_path / f"{metric}.{suffix}"
+            fapm("score", "-b", str(b), "-f", str(f), "-q", "--plot", str(path),
+                 "--plot-metric", metric)  # fmt: skip
+            pages[(metric, suffix)] = path.read_bytes()
+    assert pages[("mean_abs_tau", "png")].startswith(b"\x89PNG\r\n\x1a\n")
+    assert pages[("mean_abs_tau", "png")] != pages[("mask_jaccard", "png")]
+    assert pages[("mean_abs_tau", "html")] != pages[("mask_jaccard", "html")]
+    assert b"<b>mask_jaccard</b>" not in pages[("mean_abs_tau", "html")]
+
+
+# -- prune --files-from ----------------------------------------------------------------------
+
+
+def test_files_from_chooses_the_non_weight_files(tmp_path: Path) -> None:
+    base, ft = make_pair(seed=31)
+    b = write_checkpoint(tmp_path / "b", base, shard_bytes=2000, config={"side": "base"})
+    f = write_checkpoint(tmp_path / "f", ft, config={"side": "ft"})
+    extra = {
+        b: {"tokenizer.json": '{"t": "base"}', "generation_config.json": "{}"},
+        f: {"tokenizer.json": '{"t": "ft"}', "tokenizer_config.json": "{}", "README.md": "ft"},
+    }
+    for d, files in extra.items():
+        for name, text in files.items():
+            (d / name).write_text(text)
+        # Never copied: hidden files, other weight formats, pickles, subdirectories.
+        (d / ".gitattributes").write_text("*.safetensors filter=lfs")
+        (d / "flax_model.msgpack").write_bytes(b"\0")
+        (d / "pytorch_model.bin").write_bytes(b"\0")
+        (d / "sub").mkdir()
+        (d / "sub" / "notes.txt").write_text("x")
+    want = ref_prune(base, ft, Fraction(9, 10))
+    copied = {
+        "finetuned": {"config.json", "tokenizer.json", "tokenizer_config.json", "README.md"},
+        "base": {"config.json", "tokenizer.json", "generation_config.json"},
+        "none": set(),
+    }
+    for choice, names in copied.items():
+        out = tmp_path / choice
+        fapm("prune", "-b", str(b), "-f", str(f), "--files-from", choice, "-o", str(out), "-q")
+        weights = {p.name for p in out.glob("*.safetensors")}
+        assert weights and all(n.startswith("model") for n in weights)
+        listed = {p.relative_to(out).as_posix() for p in out.rglob("*")}
+        assert listed == weights | {"model.safetensors.index.json"} | names, choice
+        source = f if choice == "finetuned" else b
+        for name in names:
+            assert (out / name).read_bytes() == (source / name).read_bytes(), (choice, name)
+        assert_checkpoint(load_checkpoint(out), want)  # the weights do not depend on it
