@@ -220,7 +220,9 @@ def test_unknown_version_and_damage_are_input_errors(tmp_path: Path) -> None:
         assert r.exit_code == 3, r.output
         assert needle in r.stderr
         assert not (tmp_path / f"m-{tv}").exists()
-    assert json.loads(json.dumps(meta))  # metadata stayed str -> str
+    for tv, version in (("v2", "2"), ("broken", "1")):  # metadata stayed str -> str on disk
+        with safe_open(str(tmp_path / tv / "model.safetensors"), "pt") as fh:
+            assert fh.metadata() == {"format": "pt", **meta, "fapm.compact_version": version}
 
 
 def test_prune_json_describes_the_stored_task_vector(tmp_path: Path) -> None:
