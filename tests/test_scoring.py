@@ -53,7 +53,8 @@ def test_worked_example_selection(method: Method, sparsity: str, expected: set[i
 
 def test_keep_count_is_exact() -> None:
     assert plan.keep_count(10, Fraction("0.9")) == 1  # float math gives 0.9999... -> 0
-    assert 10 * (1 - 0.9) < 1  # the trap the exact computation avoids
+    # The trap avoided: in floats 10 * (1 - 0.9) < 1. A float sparsity is parsed exactly too.
+    assert plan.keep_count(10, plan.parse_sparsity(0.9)) == 1
     assert plan.keep_count(7, Fraction("0.5")) == 3
     assert plan.keep_count(1, Fraction("0.9")) == 0
     assert plan.keep_count(5, Fraction(0)) == 5
