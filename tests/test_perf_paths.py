@@ -232,8 +232,10 @@ def test_prune_fits_in_a_1gb_memory_cgroup(tmp_path: Path) -> None:
         peak = int((group / peak_file).read_text()) if (group / peak_file).exists() else None
         failcnt = group / "memory.failcnt"
         assert r.returncode == 0, f"rc {r.returncode} (killed by the limit?) {r.stderr[-500:]}"
-        assert peak is None or peak <= limit
         assert json.loads(r.stdout)["totals"]["kept_fraction"] == pytest.approx(0.1, abs=1e-3)
+        if peak is None:
+            pytest.skip(f"ran within the limit, but this kernel has no {peak_file} to check")
+        assert 0 < peak <= limit
         if flavour == "v1" and failcnt.exists():
             print("memory.failcnt (reclaims at the limit):", failcnt.read_text().strip())
     finally:
