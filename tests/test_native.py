@@ -10,6 +10,8 @@ import itertools
 import random
 import shutil
 import threading
+import time
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -247,13 +249,30 @@ def test_ring_larger_than_arena_is_fresh() -> None:
     assert pool.take(100).numel() == 100 and pool.fresh == 1
 
 
+def _once_waiting(pool: BufferPool, action: Callable[[], object]) -> threading.Thread:
+    """Run ``action`` on another thread once a ``take`` waits for room. ``take`` counts
+    ``waited`` under the pool's lock and releases it only by waiting, so ``action`` (which
+    needs that lock) runs after the wait began, however slow the machine: no sleep to tune."""
+
+    def run() -> None:
+        deadline = time.monotonic() + 25  # below take's own 30 s limit: a hang is a failure
+        while pool.waited < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        action()
+
+    helper = threading.Thread(target=run, daemon=True)
+    helper.start()
+    return helper
+
+
 def test_ring_waits_for_room_instead_of_growing() -> None:
     """A request that does not fit yet waits until earlier ones come back (here from another
     thread, as the writer hands them back), then gets arena memory: no new allocation."""
     pool = BufferPool(1024)
     a = pool.take(1000)
-    threading.Timer(0.2, pool.give, (a,)).start()
+    helper = _once_waiting(pool, lambda: pool.give(a))
     b = pool.take(800)
+    helper.join()
     assert b.data_ptr() == a.data_ptr()
     assert (pool.waited, pool.fresh) == (1, 0)
 
@@ -261,8 +280,9 @@ def test_ring_waits_for_room_instead_of_growing() -> None:
 def test_ring_close_releases_a_waiting_thread() -> None:
     pool = BufferPool(1024)
     pool.take(1000)
-    threading.Timer(0.2, pool.close).start()
+    helper = _once_waiting(pool, pool.close)
     assert pool.take(800).numel() == 800  # fresh, after close
+    helper.join()
     assert (pool.waited, pool.fresh) == (1, 1)
 
 
