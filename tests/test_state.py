@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
+
+from tests.checkpoints import load_checkpoint, make_pair, write_checkpoint
+from tests.reference import reference_prune
 
 runner = CliRunner()
 leak = pytest.mark.xfail(
@@ -86,3 +91,64 @@ def test_quiet_state_does_not_change_the_output(
     run_ok("prune", "-b", str(b), "-f", str(f), "-o", str(tmp_path / "q"), "--quiet")
     r = runner.invoke(app, ["prune", "-b", str(b), "-f", str(f), "-o", str(tmp_path / "o")])
     assert r.exit_code == 0 and "task vector kept" in r.stdout
+
+
+# -- the shared score-key buffer after a NaN ------------------------------------------------
+
+
+def _nan_pair(tmp_path: Path) -> tuple[Path, Path]:
+    base, ft = make_pair(seed=41)
+    ft["model.layers.1.mlp.down_proj.weight"][3, 4] = float("nan")
+    return write_checkpoint(tmp_path / "nb", base), write_checkpoint(tmp_path / "nf", ft)
+
+
+def _refused(tmp_path: Path) -> None:
+    from fapm_cli.cli.app import app
+
+    nb, nf = _nan_pair(tmp_path)
+    r = runner.invoke(app, ["prune", "-b", str(nb), "-f", str(nf), "-o", str(tmp_path / "x")])
+    if r.exit_code != 3 or "contains NaN or Inf" not in r.stderr:
+        raise CommandFailed(f"expected exit 3 for NaN, got {r.exit_code}: {r.output}")
+
+
+def _key_buffers() -> list[object]:
+    """The scoring's shared key array(s) (``_KEYS``), wherever the restructure puts them.
+
+    The only internals this file touches: whether the buffer is taken is not visible
+    from outside (a taken buffer only makes every later ranking allocate a fresh array)."""
+    found = [
+        m._KEYS
+        for name, m in list(sys.modules.items())
+        if name.startswith("fapm_cli") and hasattr(m, "_KEYS")
+    ]
+    if not found:
+        raise LookupError("no fapm_cli module has _KEYS any more: update _key_buffers")
+    return found
+
+
+def test_a_prune_after_a_nan_refusal_is_still_correct(
+    tmp_path: Path, kernels: str, pair_dirs: tuple[Path, Path]
+) -> None:
+    _refused(tmp_path)
+    base, ft = make_pair(seed=1)  # what pair_dirs holds
+    b, f = pair_dirs
+    run_ok("prune", "-b", str(b), "-f", str(f), "-s", "0.8", "-o", str(tmp_path / "o"), "-q")
+    want = reference_prune(base, ft, Fraction(8, 10))
+    got = load_checkpoint(tmp_path / "o")
+    assert set(got) == set(want)
+    for name, w in want.items():
+        g, w = got[name].reshape(-1), w.reshape(-1)
+        assert g.dtype == w.dtype and torch.equal(g.view(torch.uint8), w.view(torch.uint8)), name
+
+
+@leak
+def test_the_key_buffer_is_given_back_when_scoring_refuses_a_nan(
+    tmp_path: Path, kernels: str, pair_dirs: tuple[Path, Path]
+) -> None:
+    b, f = pair_dirs
+    run_ok("prune", "-b", str(b), "-f", str(f), "-o", str(tmp_path / "warm"), "-q")
+    buffers = _key_buffers()
+    for buf in buffers:
+        buf.clear()  # type: ignore[attr-defined]  # start free, whatever earlier tests did
+    _refused(tmp_path)
+    assert not any(buf._busy for buf in buffers)  # type: ignore[attr-defined]
