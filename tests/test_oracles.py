@@ -246,6 +246,36 @@ def test_mixed_dtype_pairs_score_widened_and_write_finetuned_dtype(
     assert {t.dtype for n, t in got.items() if n != "model.position_ids"} == {DTYPES[ft_name]}
 
 
+@pytest.mark.parametrize(
+    ("base_name", "ft_name", "out_name"),
+    [
+        ("float32", "bfloat16", None),
+        ("bfloat16", "float32", "float16"),
+        ("float64", "float64", "bfloat16"),
+        ("float16", "float16", "float32"),
+        ("bfloat16", "bfloat16", None),
+    ],
+)
+def test_whole_tensors_are_converted_like_pruned_ones(
+    tmp_path: Path, base_name: str, ft_name: str, out_name: str | None
+) -> None:
+    """--keep-base / --keep-finetuned tensors: one side taken whole, converted to the output
+    dtype (finetuned's unless --dtype), as a pruned tensor's kept or dropped entries are."""
+    base, ft = pair(32, DTYPES[base_name], DTYPES[ft_name])
+    b = write_checkpoint(tmp_path / "b", base)
+    f = write_checkpoint(tmp_path / "f", ft)
+    args = ["--keep-base", "*norm*", "--keep-finetuned", "lm_head.weight"]
+    args += ["--dtype", out_name] if out_name else []
+    fapm("prune", "-b", str(b), "-f", str(f), "-o", str(tmp_path / "o"), "-q", *args)
+    out = DTYPES[out_name] if out_name else None
+    want = ref_prune(base, ft, Fraction(9, 10), out=out)
+    target = out or DTYPES[ft_name]
+    for name in ("model.norm.weight", "model.layers.0.input_layernorm.weight"):
+        want[name] = base[name].to(target)
+    want["lm_head.weight"] = ft["lm_head.weight"].to(target)
+    assert_checkpoint(load_checkpoint(tmp_path / "o"), want)
+
+
 # -- the chain on awkward floats: diff, then prune --task-vector --------------------------------
 
 
