@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -27,6 +28,21 @@ runner = CliRunner()
 leak = pytest.mark.xfail(
     strict=True, raises=AssertionError, reason="state leak: fixed by the restructure"
 )
+
+
+@pytest.fixture(autouse=True)
+def _restore() -> Iterator[None]:
+    """What these tests (and the leaks they show) change, put back for the tests after them."""
+    threads = torch.get_num_threads()
+    level = logging.getLogger("huggingface_hub").level
+    verbosity = os.environ.get("HF_HUB_VERBOSITY")
+    yield
+    torch.set_num_threads(threads)
+    logging.getLogger("huggingface_hub").setLevel(level)
+    if verbosity is None:
+        os.environ.pop("HF_HUB_VERBOSITY", None)
+    else:
+        os.environ["HF_HUB_VERBOSITY"] = verbosity
 
 
 class CommandFailed(Exception):
