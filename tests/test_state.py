@@ -1,11 +1,9 @@
 """Process-wide state a command leaves behind, for the next test and for library callers.
 
 A CLI run in-process (CliRunner, a notebook, a service calling ``app``) must leave the
-process as it found it. Each leak known today has a test marked ``xfail(strict=True)``: it
-passes while the leak is there and turns into an XPASS failure once the restructure fixes it,
-which says to remove the marker. ``raises=AssertionError``: only the leak's own assertion
-counts as the expected failure; a command that fails to run, or a helper that can no longer
-find what it inspects, is a real failure.
+process as it found it. Each of these failed before the one-engine restructure (torch's thread
+count, the Hub logger and ``HF_HUB_VERBOSITY`` were left changed, and a NaN refusal left the
+process-wide key buffer taken); a command that fails to run raises ``CommandFailed``.
 """
 
 from __future__ import annotations
@@ -25,9 +23,6 @@ from tests.checkpoints import load_checkpoint, make_pair, write_checkpoint
 from tests.reference import reference_prune
 
 runner = CliRunner()
-leak = pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="state leak: fixed by the restructure"
-)
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +53,6 @@ def run_ok(*args: str) -> None:
 
 
 @pytest.mark.parametrize("threads", [["--threads", "1"], []], ids=["threads-1", "default"])
-@leak
 def test_torch_thread_count_is_restored_after_a_run(
     tmp_path: Path, pair_dirs: tuple[Path, Path], threads: list[str]
 ) -> None:
@@ -73,7 +67,6 @@ def test_torch_thread_count_is_restored_after_a_run(
         torch.set_num_threads(before)
 
 
-@leak
 def test_quiet_restores_the_hub_logger_level(tmp_path: Path, pair_dirs: tuple[Path, Path]) -> None:
     b, f = pair_dirs
     logger = logging.getLogger("huggingface_hub")
@@ -86,7 +79,6 @@ def test_quiet_restores_the_hub_logger_level(tmp_path: Path, pair_dirs: tuple[Pa
         logger.setLevel(before)
 
 
-@leak
 def test_quiet_restores_hf_hub_verbosity(
     tmp_path: Path, pair_dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -127,21 +119,6 @@ def _refused(tmp_path: Path) -> None:
         raise CommandFailed(f"expected exit 3 for NaN, got {r.exit_code}: {r.output}")
 
 
-def _key_buffers() -> list[object]:
-    """The scoring's shared key array(s) (``_KEYS``), wherever the restructure puts them.
-
-    The only internals this file touches: whether the buffer is taken is not visible
-    from outside (a taken buffer only makes every later ranking allocate a fresh array)."""
-    found = [
-        m._KEYS
-        for name, m in list(sys.modules.items())
-        if name.startswith("fapm_cli") and hasattr(m, "_KEYS")
-    ]
-    if not found:
-        raise LookupError("no fapm_cli module has _KEYS any more: update _key_buffers")
-    return found
-
-
 def test_a_prune_after_a_nan_refusal_is_still_correct(
     tmp_path: Path, kernels: str, pair_dirs: tuple[Path, Path]
 ) -> None:
@@ -157,14 +134,37 @@ def test_a_prune_after_a_nan_refusal_is_still_correct(
         assert g.dtype == w.dtype and torch.equal(g.view(torch.uint8), w.view(torch.uint8)), name
 
 
-@leak
-def test_the_key_buffer_is_given_back_when_scoring_refuses_a_nan(
-    tmp_path: Path, kernels: str, pair_dirs: tuple[Path, Path]
-) -> None:
-    b, f = pair_dirs
-    run_ok("prune", "-b", str(b), "-f", str(f), "-o", str(tmp_path / "warm"), "-q")
-    buffers = _key_buffers()
-    for buf in buffers:
-        buf.clear()  # type: ignore[attr-defined]  # start free, whatever earlier tests did
-    _refused(tmp_path)
-    assert not any(buf._busy for buf in buffers)  # type: ignore[attr-defined]
+def test_the_key_buffer_is_given_back_when_scoring_refuses_a_nan(kernels: str) -> None:
+    """The run's key buffer (in its Workspace) serves the next tensor after a NaN refusal."""
+    from fapm_cli.compute import scoring
+    from fapm_cli.errors import InputError
+
+    gen = torch.Generator().manual_seed(5)
+    b = torch.randn(5000, generator=gen) * 0.02
+    f = b + torch.randn(5000, generator=gen) * 1e-3
+    f[4321] = float("nan")
+    ws = scoring.Workspace()
+
+    def refuse(start: int, stop: int) -> None:
+        raise InputError("NaN", hint="")
+
+    with pytest.raises(InputError):
+        scoring.rank_tensor(scoring.Method.FAPM, b, f, 500, 1.0, refuse, ws)
+    assert not ws.keys._busy
+    first = ws.keys.take(5000, torch.int32)  # the run's array, free again
+    assert ws.keys._busy and ws.keys.take(10, torch.int32).data_ptr() != first.data_ptr()
+
+
+def test_no_module_keeps_a_key_buffer_or_a_device() -> None:
+    """Scoring state lives in a run's Workspace, never in a module (two runs in one process,
+    or a library caller after a CLI run, share nothing)."""
+    import fapm_cli.compute.scoring as scoring
+
+    state = [
+        (name, key)
+        for name, m in list(sys.modules.items())
+        if name.startswith("fapm_cli")
+        for key, value in vars(m).items()
+        if isinstance(value, scoring.KeyBuffer | torch.device)
+    ]
+    assert state == []
