@@ -8,6 +8,7 @@ Outputs are compared with the same prune on local copies and with tests/referenc
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -384,6 +385,67 @@ def test_disk_budget_smaller_than_one_checkpoint(
     # Fetched shards went to a private directory, now removed; the user's cache got none.
     assert _big_files_bytes(tmp_path / "hf") == 0
     assert not list((tmp_path / "hf" / "hub").glob(".fapm-download-*"))
+
+
+@pytest.mark.parametrize("command", ["diff", "merge", "score", "prune-tv"])
+def test_disk_budget_bounds_every_command_that_reads_the_hub(
+    tmp_path: Path,
+    repos: dict[str, Path],
+    hub: FakeHub,
+    hf: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    """diff, merge, score and prune of a task vector keep at most the budget (plus the shard
+    being fetched) of downloads on disk, releasing each shard after its last use, and give
+    what the same command gives on local copies."""
+    shard_sizes = [p.stat().st_size for p in repos["base"].glob("*.safetensors")]
+    # While merge's third side is fetched, base's and the first input's shards are held.
+    held = 2 if command == "merge" else 1
+    budget = held * max(shard_sizes) + 10_000
+    assert budget < sum(shard_sizes)
+    peaks: list[int] = []
+    original = hub_source.HubSource.local_path
+
+    def measured(self: hub_source.HubSource, name: str) -> str:
+        path = original(self, name)
+        peaks.append(_big_files_bytes(tmp_path / "hf"))
+        return path
+
+    local_tv = tmp_path / "local-tv"
+    if command == "prune-tv":  # the task vector on the Hub, base local... and on the Hub too
+        code, _, err = run("diff", "-b", str(repos["base"]), "-f", str(repos["ft"]),
+                           "-o", str(local_tv), "-q", "--max-shard-size", str(SHARD))  # fmt: skip
+        assert code == 0, err
+        hub.add_commit("org/tv", local_tv)
+    monkeypatch.setattr(hub_source.HubSource, "local_path", measured)
+    args = {
+        "diff": ["diff", "-b", "{base}", "-f", "{ft}"],
+        "merge": ["merge", "-b", "{base}", "-f", "{ft}", "-f", "{ft}", "-w", "0.5"],
+        "score": ["score", "-b", "{base}", "-f", "{ft}", "--format", "json"],
+        "prune-tv": ["prune", "-b", "{base}", "-t", "{tv}"],
+    }[command]
+    out = [] if command == "score" else ["-o"]
+
+    def argv(base: str, ft: str, tv: str, dest: Path) -> list[str]:
+        filled = [a.format(base=base, ft=ft, tv=tv) for a in args]
+        return filled + ([*out, str(dest)] if out else [])
+
+    code, hub_out, err = run(*argv("org/base", "org/ft", "org/tv", tmp_path / "o"),
+                             "--disk-budget", str(budget))  # fmt: skip
+    assert code == 0, err
+    assert peaks and max(peaks) <= budget + max(shard_sizes)
+    assert _big_files_bytes(tmp_path / "hf") == 0  # every download released, none cached
+    monkeypatch.setattr(hub_source.HubSource, "local_path", original)
+    code, local_out, err = run(
+        *argv(str(repos["base"]), str(repos["ft"]), str(local_tv), tmp_path / "lo")
+    )
+    assert code == 0, err
+    if command == "score":
+        a, b = json.loads(hub_out), json.loads(local_out)
+        assert a["tensors"] == b["tensors"] and a["total"] == b["total"]
+    else:
+        assert_same_tensors(load_checkpoint(tmp_path / "o"), load_checkpoint(tmp_path / "lo"))
 
 
 def test_impossible_disk_budget_fails_before_downloading(
