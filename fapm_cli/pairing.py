@@ -1,6 +1,6 @@
 """Pairing rules: when two tensors of the same name can be combined, judged from headers alone.
 
-``engine.plan_prune`` refuses a pair by these rules before reading any tensor data, and
+``plan.plan_prune`` refuses a pair by these rules before reading any tensor data, and
 ``fapm inspect A --compare B`` reports the same differences without importing torch, so that a
 CI job can learn in milliseconds whether ``prune`` would accept the two checkpoints.
 

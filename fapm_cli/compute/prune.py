@@ -271,7 +271,7 @@ def process_item(
     on_mask: Callable[[int, int, torch.Tensor], None] | None = None,
     inplace: bool = False,
 ) -> TensorResult:
-    """One item's output tensor, chunk by chunk, exactly as ``run_prune`` writes it.
+    """One item's output tensor, chunk by chunk, exactly as ``fapm prune`` writes it.
 
     ``inplace``: ``finetuned`` is a buffer of the caller's that the output may overwrite."""
     if item.action is Action.PRUNE:

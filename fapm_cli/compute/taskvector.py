@@ -25,7 +25,8 @@ entirely), and no float format holds every difference of two bf16 values (that n
 bits). ``-0.0`` cannot be told apart from ``+0.0`` by any difference. So the writer verifies
 ``reconstruct(b, delta) == f`` bit for bit and widens float32 -> float64 -> values as needed.
 
-Nothing here reads or writes files; ``merging`` wires these functions to the reader and writer.
+Nothing here reads or writes files; ``compute.encode`` (writing) and ``io.taskvector_io`` (reading)
+wire these functions to the writer and the reader.
 """
 
 from __future__ import annotations

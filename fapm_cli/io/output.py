@@ -41,6 +41,13 @@ class Output:
                 hint="run each --part I/N, then the same command with --finalize and no --part",
             )
 
+    @property
+    def target(self) -> Path:
+        """Where this run's files go: the output, or this part's directory."""
+        if self.part is None:
+            return self.path
+        return parts.staging_dir(self.path) / self.part.dirname
+
     def check(self, inputs: Iterable[Path]) -> None:
         """Refuse, before any work, an output that exists or overlaps an input."""
         check_output_path(self.path, inputs, self.overwrite)
@@ -62,11 +69,9 @@ class Output:
         settings = {"max_shard_size": str(self.max_shard_size), **settings}
         digest = parts.options_hash(options, metadata, plan, settings)
         mine: list[str] | None = None
-        target = self.path
         if self.part is not None:
             mine = self.part.shards([name for name, _ in plan])
             staging = parts.staging_dir(self.path)
-            target = staging / self.part.dirname
             try:  # made here, not by the writer: a failed part must not remove its siblings'
                 staging.mkdir(parents=True, exist_ok=True)
             except OSError as err:
@@ -75,7 +80,7 @@ class Output:
                     hint="choose an output inside a writable directory",
                 ) from err
         writer = CheckpointWriter(
-            target,
+            self.target,
             [t for _, group in plan for t in group],
             max_shard_size=self.max_shard_size,
             metadata=metadata,
@@ -87,7 +92,7 @@ class Output:
         if mine is not None:
             chosen = set(mine)
             wanted = {t.name for name, group in plan if name in chosen for t in group}
-        return Job(self, writer, plan, digest, target, wanted)
+        return Job(self, writer, plan, digest, wanted)
 
 
 @dataclass
@@ -98,7 +103,6 @@ class Job:
     writer: CheckpointWriter
     plan: list[tuple[str, list[PlannedTensor]]]
     digest: str
-    target: Path  # where this run writes: the output, or this part's directory
     wanted: Collection[str] | None  # tensor names this run writes (None: every one)
 
     @property

@@ -5,7 +5,7 @@ the text of a small file (index, config), the header of a shard, and a local pat
 bytes (fetching it first when it is remote). ``reader.open_checkpoint`` turns that into a
 checkpoint; it never needs to know where the bytes live.
 
-This is the only module that talks to huggingface_hub (see ``hub_source``).
+Hub ids are handed to ``hub``, the only module that talks to huggingface_hub.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def resolve_source(
 
     A path that exists locally always wins; ``./org/name`` is therefore always local. Anything
     else that looks like ``org/name[@revision]`` or ``hf://org/name[@revision]`` is a Hub repo;
-    ``budget`` and ``show_progress`` only concern Hub downloads (see ``hub_source``).
+    ``budget`` and ``show_progress`` only concern Hub downloads (see ``hub``).
     """
     path = Path(text).expanduser()
     if not text.startswith("hf://") and path.exists():

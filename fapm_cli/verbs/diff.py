@@ -25,7 +25,7 @@ from fapm_cli.plan import (
 )
 from fapm_cli.records import DiffReport
 from fapm_cli.verbs.inputs import Inputs
-from fapm_cli.verbs.prune import Pair, parts_target, write_task_vector
+from fapm_cli.verbs.prune import Pair, write_task_vector
 
 
 def diff(
@@ -75,7 +75,7 @@ def diff(
             "from finetuned (the default dtype is exact)"
         )
     return DiffReport(
-        str(parts_target(out)),
+        str(out.target),
         base.source.provenance(),
         finetuned.source.provenance(),
         written.stored,

@@ -194,7 +194,7 @@ def merge(
         finally:
             progress.close()
     return MergeReport(
-        str(job.target),
+        str(out.target),
         base.source.provenance(),
         [
             {

@@ -144,7 +144,7 @@ def prune(
                 results = [r for r in written.results if r is not None]
                 stored, shards, passes = written.stored, written.shards, written.passes
     return PruneReport(
-        str(parts_target(out)),
+        str(out.target),
         base_prov,
         finetuned.source.provenance(),
         opts,
@@ -176,13 +176,6 @@ def check_forms(
             hint="--method random keeps a random number of entries, so the compact layout "
             "cannot be planned before scoring; use --format dense",
         )
-
-
-def parts_target(out: Output) -> Path:
-    """Where this run's files are: the output, or this part's directory (see ``io.parts``)."""
-    from fapm_cli.io.parts import staging_dir
-
-    return staging_dir(out.path) / out.part.dirname if out.part is not None else out.path
 
 
 def check_compact_names(items: Sequence[Item]) -> None:
