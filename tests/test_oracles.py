@@ -108,14 +108,16 @@ def ref_mask(
     return mask
 
 
-def dare_mask(seed: int, name: str, n: int, sparsity: Fraction) -> torch.Tensor:
+def dare_mask(seed: int, name: str, n: int, sparsity: Fraction, stream: int = 0) -> torch.Tensor:
     """DARE's keep mask by its documented seeding rule: per block of 2^20 entries, a generator
-    seeded with blake2b(f"{seed}\\0{name}\\0{block}", 8 bytes) little-endian & (2^63 - 1)."""
+    seeded with blake2b(f"{seed}\\0{name}\\0{block}", 8 bytes) little-endian & (2^63 - 1);
+    the i-th fine-tune of a merge (i > 0) appends f"\\0{i}" to the key."""
     keep = float(1 - sparsity)
     block_size = 1 << 20
     parts = [torch.zeros(0, dtype=torch.bool)]
     for block, start in enumerate(range(0, n, block_size)):
-        digest = hashlib.blake2b(f"{seed}\0{name}\0{block}".encode(), digest_size=8).digest()
+        key = f"{seed}\0{name}\0{block}" + (f"\0{stream}" if stream else "")
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
         parts.append(torch.rand(min(block_size, n - start), generator=gen) < keep)
     return torch.cat(parts)
@@ -126,10 +128,17 @@ def dare_scale(sparsity: Fraction) -> float:
 
 
 def ref_keep(
-    name: str, b: torch.Tensor, f: torch.Tensor, s: Fraction, method: str, lam: float, seed: int
+    name: str,
+    b: torch.Tensor,
+    f: torch.Tensor,
+    s: Fraction,
+    method: str,
+    lam: float,
+    seed: int,
+    stream: int = 0,
 ) -> torch.Tensor:
     if method == "random":
-        return dare_mask(seed, name, b.numel(), s)
+        return dare_mask(seed, name, b.numel(), s, stream)
     return ref_mask(b, f, s, method, lam)
 
 
@@ -443,9 +452,9 @@ def ref_merge(
         cdt = compute_dtype(b.dtype, *(ft[name].dtype for ft in fts))
         acc = torch.zeros(bf.numel(), dtype=cdt)
         touched = torch.zeros(bf.numel(), dtype=torch.bool)
-        for ft, w in zip(fts, weights, strict=True):
+        for i, (ft, w) in enumerate(zip(fts, weights, strict=True)):
             f = ft[name]
-            mask = ref_keep(name, b, f, s, method, lam, seed)
+            mask = ref_keep(name, b, f, s, method, lam, seed, stream=i)  # DARE: independent
             tau = f.reshape(-1).to(cdt) - bf.to(cdt)
             if method == "random":
                 tau = tau * dare_scale(s)
@@ -702,3 +711,20 @@ def test_files_from_chooses_the_non_weight_files(tmp_path: Path) -> None:
         for name in names:
             assert (out / name).read_bytes() == (source / name).read_bytes(), (choice, name)
         assert_checkpoint(load_checkpoint(out), want)  # the weights do not depend on it
+
+
+def test_merge_random_draws_each_fine_tunes_mask_independently(
+    tmp_path: Path, three_bf16: tuple[list[Path], list[dict[str, torch.Tensor]]]
+) -> None:
+    """DARE drops each model's entries independently: the same fine-tune given twice with
+    weights 1/2 keeps (almost surely) a different set of entries for each copy, so the merge
+    is not the single-input DARE prune (which it would be with one shared mask)."""
+    dirs, _ = three_bf16
+    b, f1 = dirs[0], dirs[1]
+    args = ["-m", "random", "--seed", "5", "-s", "0.5", "-q"]
+    fapm("merge", "-b", str(b), "-f", str(f1), "-f", str(f1), "-w", "0.5", *args,
+         "-o", str(tmp_path / "twice"))  # fmt: skip
+    fapm("prune", "-b", str(b), "-f", str(f1), *args, "-o", str(tmp_path / "once"))
+    twice, once = load_checkpoint(tmp_path / "twice"), load_checkpoint(tmp_path / "once")
+    name = "model.embed_tokens.weight"
+    assert not torch.equal(twice[name].view(torch.int16), once[name].view(torch.int16))

@@ -38,6 +38,7 @@ class FineTuned:
     read: Callable[[], torch.Tensor]  # the whole finetuned tensor
     read_range: ReadRange
     opts: PruneOptions
+    stream: int = 0  # which fine-tune of the merge: DARE draws each one's mask independently
     _packed: torch.Tensor | None = field(default=None, repr=False)
 
     def prepare(self, base: torch.Tensor, ws: Workspace) -> None:
@@ -71,8 +72,9 @@ class FineTuned:
             check_finite(f, self.item.name, "finetuned")
             keep = float(1 - self.opts.sparsity)
             mask = scoring.random_mask_block(
-                self.opts.seed, self.item.name, start // RANDOM_BLOCK, stop - start, keep
-            )
+                self.opts.seed, self.item.name, start // RANDOM_BLOCK, stop - start, keep,
+                self.stream,
+            )  # fmt: skip
         else:
             assert self._packed is not None
             mask = tv.unpack_mask(self._packed[start // 8 : (stop + 7) // 8], stop - start)

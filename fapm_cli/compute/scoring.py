@@ -243,9 +243,15 @@ def tie_quotas(
     return key, quota
 
 
-def random_mask_block(seed: int, name: str, block: int, size: int, keep: float) -> torch.Tensor:
-    """DARE's Bernoulli(keep) mask for one block, reproducible from (seed, name, block)."""
-    digest = hashlib.blake2b(f"{seed}\0{name}\0{block}".encode(), digest_size=8).digest()
+def random_mask_block(
+    seed: int, name: str, block: int, size: int, keep: float, stream: int = 0
+) -> torch.Tensor:
+    """DARE's Bernoulli(keep) mask for one block, reproducible from (seed, name, block).
+
+    ``stream`` tells apart the fine-tunes of one merge, whose masks DARE draws independently:
+    the first (0, as in ``prune``) keeps prune's mask, fine-tune ``i`` adds ``i`` to the key."""
+    key = f"{seed}\0{name}\0{block}" + (f"\0{stream}" if stream else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
     return torch.rand(size, generator=gen) < keep
 

@@ -63,6 +63,7 @@ class _Opened:
     spec: MergeInput
     side: str  # its label for fetch costs ("input0", ...)
     checkpoint: Checkpoint
+    stream: int = 0  # fine-tunes: which one (0 first), for DARE's independent masks
     taskvec: TaskVector | None = None
     items: dict[str, Item] | None = None  # fine-tunes: the prune plan, by tensor name
     tv_reader: TaskVectorReader | None = None
@@ -156,6 +157,7 @@ def merge(
                 check_pairs(base, o.taskvec)
             else:
                 o.items = {i.name: i for i in plan_prune(base, c, opts)}
+                o.stream = sum(1 for p in opened if p.taskvec is None)
             opened.append(o)
         planned = _plan(base, opened, dtype)
         if sources.budget is not None:
@@ -341,6 +343,7 @@ def _merge_one(
                     _whole(o.reader, name),
                     _ranged(o.reader, name),
                     opts,
+                    o.stream,
                 )
             )
     return merge_tensor(p.out, base, inputs, write, ws, dtypes=dtypes)
