@@ -103,9 +103,19 @@ def test_output_exists_exit_5_then_overwrite(tmp_path: Path, pair_dirs: tuple[Pa
     r = cli("prune", "-b", str(b), "-f", str(f), "-o", str(out))
     assert r.returncode == 5 and "already exists" in r.stderr and "--overwrite" in r.stderr
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only what fapm wrote: a folder holding the user's file is refused.
     r = cli("prune", "-b", str(b), "-f", str(f), "-o", str(out), "--overwrite", "-q")
-    assert r.returncode == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
+    assert r.returncode == 5
+    assert "--overwrite replaces only an earlier fapm output" in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert (
+        cli("prune", "-b", str(b), "-f", str(f), "-o", str(out), "-s", "0.5", "-q").returncode == 0
+    )
+    first = (out / "model.safetensors.index.json").read_text()
+    r = cli("prune", "-b", str(b), "-f", str(f), "-o", str(out), "--overwrite", "-q")
+    assert r.returncode == 0  # an earlier fapm output is replaced
+    assert (out / "model.safetensors.index.json").read_text() != first
 
 
 def test_output_inside_input_exit_5(pair_dirs: tuple[Path, Path]) -> None:

@@ -480,6 +480,44 @@ def output_exists(pair: Pair) -> Case:
 
 
 @pytest.fixture
+def overwrite_a_folder_fapm_did_not_write(pair: Pair) -> Case:
+    # --overwrite pointed at a folder of notes: refused, nothing deleted.
+    out = pair.root / "notes"
+    out.mkdir()
+    (out / "todo.txt").write_text("precious")
+    (out / "model.safetensors").write_bytes(b"not fapm's")
+    return Case(pair.base, pair.ft, ExitCode.OUTPUT, (str(out), "not written by fapm"),
+                output=out, extra=("--overwrite",))  # fmt: skip
+
+
+@pytest.fixture
+def overwrite_another_tools_model(pair: Pair) -> Case:
+    # A real checkpoint, but not fapm's: its shards carry no fapm metadata.
+    out = pair.root / "theirs"
+    write_checkpoint(out, pair.base_tensors)
+    return Case(pair.base, pair.ft, ExitCode.OUTPUT, (str(out), "not written by fapm"),
+                output=out, extra=("--overwrite",))  # fmt: skip
+
+
+@pytest.fixture
+def overwrite_a_folder_with_subfolders(pair: Pair) -> Case:
+    out = pair.root / "project"
+    (out / "src").mkdir(parents=True)
+    (out / "src" / "main.py").write_text("print('mine')")
+    return Case(pair.base, pair.ft, ExitCode.OUTPUT, (str(out), "folders"),
+                output=out, extra=("--overwrite",))  # fmt: skip
+
+
+@pytest.fixture
+def overwrite_a_file(pair: Pair) -> Case:
+    # Never turn a file into a directory.
+    out = pair.root / "report.txt"
+    out.write_text("keep me")
+    return Case(pair.base, pair.ft, ExitCode.OUTPUT, (str(out), "is a file"),
+                output=out, extra=("--overwrite",))  # fmt: skip
+
+
+@pytest.fixture
 def output_under_a_regular_file(pair: Pair) -> Case:
     # Tests run as root, which chmod cannot stop: a path through a regular file stops anyone.
     (pair.root / "a-file").write_text("x")
@@ -588,6 +626,10 @@ CATALOGUE = [
     "lam_negative",
     "lam_infinite",
     "output_exists",
+    "overwrite_a_folder_fapm_did_not_write",
+    "overwrite_another_tools_model",
+    "overwrite_a_folder_with_subfolders",
+    "overwrite_a_file",
     "output_under_a_regular_file",
     "output_in_proc",
     "output_on_read_only_mount",
@@ -699,11 +741,12 @@ def test_hugging_face_cache_symlinks_are_accepted(tmp_path: Path) -> None:
 
 def test_overwrite_replaces_an_existing_output(pair: Pair) -> None:
     out = pair.root / "out"
-    out.mkdir()
-    (out / "stale.safetensors").write_bytes(b"old")
+    _prune_ok(pair.base, pair.ft, out, "-s", "0.5", "--max-shard-size", "1kB")  # fapm's own
+    stale = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(stale) > 1
     inputs = tree_hash(pair.base), tree_hash(pair.ft)
     _prune_ok(pair.base, pair.ft, out, "--overwrite")
-    assert not (out / "stale.safetensors").exists()
+    assert not any((out / name).exists() for name in stale[1:])  # the earlier run's shards
     expected = reference_prune(pair.base_tensors, pair.ft_tensors, Fraction(9, 10))
     got = load_checkpoint(out)
     assert all(torch.equal(got[n], expected[n]) for n in expected)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fapm_cli.io.header import DTYPES, PlannedTensor, read_header
 from fapm_cli.io.writer import CheckpointWriter, parse_size, plan_shards, shard_names
@@ -107,6 +108,8 @@ def test_interrupt_during_overwrite_swap_restores_old_output(
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous run")
+    # An earlier fapm output: the only kind --overwrite replaces (see test_failures).
+    save_file({"a": TENSORS["a"]}, str(out / "model.safetensors"), metadata={"fapm.version": "0"})
     w = CheckpointWriter(
         out, [planned(TENSORS["a"], "a")], max_shard_size=100, metadata={}, overwrite=True
     )

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fapm_cli.errors import FapmError, OutputError, ResourceError
-from fapm_cli.io.header import PlannedTensor, build_header
+from fapm_cli.io.header import PlannedTensor, build_header, read_header
+from fapm_cli.io.parts import MARKER as PART_MARKER
+from fapm_cli.plan import VERSION_KEY
 
 if TYPE_CHECKING:
     import torch
@@ -97,9 +99,46 @@ def check_output_path(output: Path, inputs: Iterable[Path], overwrite: bool) -> 
                 hint="choose an output directory outside the inputs",
             )
     if output.exists() or output.is_symlink():
-        empty_dir = output.is_dir() and not any(output.iterdir())
+        empty_dir = output.is_dir() and not output.is_symlink() and not any(output.iterdir())
         if not (overwrite or empty_dir):
             raise OutputError(f"{output}: already exists", hint="pass --overwrite to replace it")
+        if overwrite and not empty_dir:
+            refuse_foreign(output)
+
+
+def refuse_foreign(output: Path) -> None:
+    """``--overwrite`` replaces only an empty directory or one that fapm wrote: a directory of
+    plain files whose ``.safetensors`` shards all carry fapm's metadata (or a part of a split
+    run). Anything else (a file, a link, a folder of notes, another tool's model) is refused,
+    and nothing is deleted."""
+    why = None
+    if output.is_symlink() or not output.is_dir():
+        why = "it is a file, not a directory fapm wrote"
+    else:
+        try:
+            entries = list(os.scandir(output))
+        except OSError as err:
+            raise os_error(err, str(output)) from err
+        shards = [e for e in entries if e.name.endswith(".safetensors")]
+        if any(not e.is_file(follow_symlinks=False) for e in entries):
+            why = "it holds folders or links, which fapm never writes"
+        elif not shards and not any(e.name == PART_MARKER for e in entries):
+            why = "it holds no checkpoint"
+        else:
+            for e in shards:
+                try:
+                    meta = read_header(e.path).metadata
+                except FapmError:
+                    meta = {}
+                if VERSION_KEY not in meta:
+                    why = f"{e.name} was not written by fapm"
+                    break
+    if why is not None:
+        raise OutputError(
+            f"{output}: --overwrite replaces only an earlier fapm output or an empty "
+            f"directory, and {why}",
+            hint="choose another output, or remove it yourself if it is yours to delete",
+        )
 
 
 @dataclass
@@ -378,6 +417,7 @@ class CheckpointWriter:
             if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
                 out.rmdir()
             elif self.overwrite:
+                refuse_foreign(out)  # also when it appeared (or changed) while we ran
                 old = out.parent / f".{out.name}.fapm-old-{secrets.token_hex(4)}"
                 out.rename(old)
             else:
