@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
@@ -147,6 +147,18 @@ def plan_prune(base: Checkpoint, finetuned: Checkpoint, opts: PruneOptions) -> l
     """Pair tensors by name and decide each one's action; refuse mismatches up front."""
     only_ft = [n for n in finetuned.tensors if n not in base.tensors]
     only_base = [n for n in base.tensors if n not in finetuned.tensors]
+    if only_ft and only_base:
+        renamed = name_prefix(base.tensors, finetuned.tensors)
+        if renamed is not None:
+            side, prefix = renamed
+            raise MismatchError(
+                f"tensor names differ by a prefix: {side}'s names are the other's with "
+                f"{prefix!r} in front (e.g. {only_ft[0]!r} in finetuned, {only_base[0]!r} "
+                "in base)",
+                hint="the two were saved by different model classes (e.g. AutoModel and "
+                "AutoModelForCausalLM); load the one with the prefix into the other's class "
+                "and save_pretrained it, so that both use the same names",
+            )
     if only_ft and opts.on_finetuned_only is OnFinetunedOnly.ERROR:
         raise MismatchError(
             f"{len(only_ft)} tensor(s) only in finetuned {finetuned.display}: "
@@ -194,6 +206,49 @@ def plan_prune(base: Checkpoint, finetuned: Checkpoint, opts: PruneOptions) -> l
         b = base.tensors[name]
         items.append(Item(name, Action.BASE, b, None, _planned(name, b, opts)))
     return items
+
+
+def name_prefix(base: Collection[str], finetuned: Collection[str]) -> tuple[str, str] | None:
+    """``("finetuned", "transformer.")`` when every finetuned name is a base name with that
+    prefix (or the same for base): the same model saved by two classes."""
+    for side, short, long in (("finetuned", base, finetuned), ("base", finetuned, base)):
+        shorts = set(short)
+        for name in long:
+            for cut in range(name.find(".") + 1, len(name)):
+                if name[cut - 1] == "." and name[cut:] in shorts:
+                    prefix = name[:cut]
+                    if all(n.startswith(prefix) and n[len(prefix) :] in shorts for n in long):
+                        return side, prefix
+            break  # the first name decides the candidate prefixes
+    return None
+
+
+def plan_warnings(items: Sequence[Item], opts: PruneOptions) -> list[str]:
+    """What a plan that runs can still get wrong without a word, said before any work."""
+    warnings = [f"pattern {p!r} matches no tensor" for p in unmatched_patterns(items, opts)]
+    pruned = [i for i in items if i.action is Action.PRUNE]
+    if items and not pruned:
+        warnings.append(
+            "no tensor is pruned: every one is kept at base, taken whole from finetuned, or "
+            "copied (check --keep-base / --keep-finetuned, and that the tensors are floats)"
+        )
+    mixed = [
+        i
+        for i in pruned
+        if i.base is not None
+        and i.finetuned is not None
+        and i.base.info.dtype != i.finetuned.info.dtype
+    ]
+    if mixed:
+        i = mixed[0]
+        assert i.base is not None and i.finetuned is not None
+        warnings.append(
+            f"{len(mixed)} tensor(s) have another dtype in base than in finetuned (e.g. "
+            f"{i.name!r}: {i.base.info.dtype.name} vs {i.finetuned.info.dtype.name}): their "
+            "task vector includes the rounding between the two dtypes, which pruning ranks "
+            "as an update; use the base the fine-tune was made from, in its dtype"
+        )
+    return warnings
 
 
 def _planned(name: str, main: TensorRef, opts: PruneOptions) -> PlannedTensor:

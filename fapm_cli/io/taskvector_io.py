@@ -22,6 +22,7 @@ from fapm_cli.plan import (
     FORMAT_KEY,
     KIND_KEY,
     MODEL_KIND,
+    TASK_VECTOR_KIND,
     Format,
     Repr,
     first_names,
@@ -78,6 +79,19 @@ def open_task_vector(checkpoint: Checkpoint, base: Checkpoint) -> TaskVector:
             f"{where}: is a model written by fapm, not a task vector",
             hint="pass it as --finetuned, or make a task vector with fapm diff",
         )
+    if kind is None:
+        # Read as deltas, a model would give base + model: a silent, plausible-looking wreck.
+        raise InputError(
+            f"{where}: has no fapm task-vector metadata, so it is not a task vector fapm "
+            "can read (a model, or another tool's deltas)",
+            hint="pass a fine-tuned model as --finetuned; make task vectors with fapm diff or "
+            "fapm prune --save task-vector",
+        )
+    if kind != TASK_VECTOR_KIND:
+        raise InputError(
+            f"{where}: is a {kind!r} checkpoint written by fapm, not a task vector",
+            hint="make a task vector with fapm diff or fapm prune --save task-vector",
+        )
     fmt = meta.get(FORMAT_KEY, Format.DENSE.value)
     if fmt not in (Format.DENSE.value, Format.COMPACT.value):
         raise InputError(
@@ -88,12 +102,7 @@ def open_task_vector(checkpoint: Checkpoint, base: Checkpoint) -> TaskVector:
         values = tv.values_from_metadata(meta)
     except ValueError as err:
         raise InputError(f"{where}: bad fapm metadata ({err})", hint="rewrite it") from err
-    warnings = []
-    if kind is None:
-        warnings.append(
-            f"{where} has no fapm metadata: read as a dense task vector of deltas "
-            "(model dtypes taken from base)"
-        )
+    warnings: list[str] = []
 
     def model_dtype(name: str, fallback: DType) -> DType:
         if name in exceptions:

@@ -19,13 +19,14 @@ from fapm_cli.plan import (
     NoProgress,
     Progress,
     PruneOptions,
+    Repr,
     order_for_disk,
     plan_prune,
     provenance,
 )
 from fapm_cli.records import DiffReport
 from fapm_cli.verbs.inputs import Inputs
-from fapm_cli.verbs.prune import Pair, write_task_vector
+from fapm_cli.verbs.prune import Pair, unchanged_warning, write_task_vector
 
 
 def diff(
@@ -69,6 +70,9 @@ def diff(
                 progress,
             )  # fmt: skip
     warnings = []
+    deltas = [t for t in written.stored if t.repr is Repr.DELTA]
+    if deltas and not any(t.kept for t in deltas):
+        warnings.append(unchanged_warning())
     if dtype is not None:
         warnings.append(
             f"--dtype {dtype.name.lower()}: deltas are rounded, so base + task vector may differ "

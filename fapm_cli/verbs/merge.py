@@ -50,6 +50,7 @@ from fapm_cli.plan import (
     Repr,
     order_for_disk,
     plan_prune,
+    plan_warnings,
     provenance,
 )
 from fapm_cli.records import MergeInput, MergeReport, MergeTensor
@@ -156,7 +157,9 @@ def merge(
                 warnings += o.taskvec.warnings
                 check_pairs(base, o.taskvec)
             else:
-                o.items = {i.name: i for i in plan_prune(base, c, opts)}
+                items = plan_prune(base, c, opts)
+                warnings += [f"{spec.source}: {w}" for w in plan_warnings(items, opts)]
+                o.items = {i.name: i for i in items}
                 o.stream = sum(1 for p in opened if p.taskvec is None)
             opened.append(o)
         planned = _plan(base, opened, dtype)
@@ -195,6 +198,12 @@ def merge(
             raise
         finally:
             progress.close()
+    floats = [r for r in records if r.dtype.startswith(("F", "BF"))]
+    if floats and not any(r.changed for r in floats):
+        warnings.append(
+            "the merged model equals base in every float tensor: the inputs change nothing "
+            "(the same checkpoint as base, or all updates pruned away)"
+        )
     return MergeReport(
         str(out.target),
         base.source.provenance(),

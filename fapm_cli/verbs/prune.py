@@ -51,8 +51,8 @@ from fapm_cli.plan import (
     held_bytes,
     order_for_disk,
     plan_prune,
+    plan_warnings,
     provenance,
-    unmatched_patterns,
 )
 from fapm_cli.records import PruneReport, TensorResult, TVTensor
 from fapm_cli.verbs.inputs import Inputs, extra_files
@@ -108,7 +108,7 @@ def prune(
         items = plan_prune(base, finetuned, opts)
         if inputs.budget is not None:
             items = order_for_disk(items, inputs.fetch_costs(), inputs.budget.limit)
-        warnings += [f"pattern {p!r} matches no tensor" for p in unmatched_patterns(items, opts)]
+        warnings += plan_warnings(items, opts)
         if fmt is Format.COMPACT:
             check_compact_names(items)
         out.check(inputs.local_paths())
@@ -143,6 +143,9 @@ def prune(
                 )
                 results = [r for r in written.results if r is not None]
                 stored, shards, passes = written.stored, written.shards, written.passes
+    pruned = [r for r in results if r.action is Action.PRUNE]
+    if pruned and not any(r.sq_norm for r in pruned):
+        warnings.append(unchanged_warning())
     return PruneReport(
         str(out.target),
         base_prov,
@@ -157,6 +160,13 @@ def prune(
         sources.get("task_vector"),
         stored,
         passes,
+    )
+
+
+def unchanged_warning() -> str:
+    return (
+        "finetuned equals base in every tensor to prune (the task vector is zero), so nothing "
+        "changed: was the same checkpoint given twice?"
     )
 
 
