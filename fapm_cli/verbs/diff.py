@@ -55,20 +55,21 @@ def diff(
     show = bool(getattr(progress, "enabled", False))
     with Inputs(disk_budget, show) as inputs:
         base = inputs.open("base", base_source)
-        finetuned = inputs.open("finetuned", finetuned_source)
+        side = inputs.open_finetuned(base, finetuned_source)
+        finetuned = side.view
         items = plan_prune(base, finetuned, PruneOptions())
         if inputs.budget is not None:
             items = order_for_disk(items, inputs.fetch_costs(), inputs.budget.limit)
         out.check(inputs.local_paths())
         metadata = provenance(
             TASK_VECTOR_KIND,
-            sources={"base": base.source.provenance(), "finetuned": finetuned.source.provenance()},
+            sources={"base": base.source.provenance(), **side.sources()},
         )
         with workspace("cpu", threads) as ws:
+            pair = Pair(base, finetuned, side.rebuild)
             written = write_task_vector(
-                Pair(base, finetuned), items, None, Format.DENSE, dtype, metadata, out, ws,
-                progress,
-            )  # fmt: skip
+                pair, items, None, Format.DENSE, dtype, metadata, out, ws, progress
+            )
     warnings = []
     deltas = [t for t in written.stored if t.repr is Repr.DELTA]
     if deltas and not any(t.kept for t in deltas):

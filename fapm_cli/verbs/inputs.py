@@ -1,17 +1,26 @@
 """The checkpoints a run reads: opened from what the user typed, sharing one disk budget for
-Hub downloads, and what a verb asks of them (local paths, files to copy, fetch costs)."""
+Hub downloads, and what a verb asks of them (local paths, files to copy, fetch costs).
+
+``open_finetuned`` opens the fine-tune side whatever stands for it: a checkpoint, a task
+vector, or a LoRA adapter (``io.adapter``), as the view ``plan.plan_prune`` pairs with base
+and, where tensors are rebuilt from base, the rebuilder ``verbs.prune.Pair`` streams with."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from fapm_cli.io.reader import Checkpoint, open_checkpoint
+from fapm_cli.io.adapter import Adapter, is_adapter
+from fapm_cli.io.reader import Checkpoint, TensorReader, open_checkpoint
 from fapm_cli.io.sources import resolve_source
 
 if TYPE_CHECKING:
+    import torch
+
     from fapm_cli.io.hub import DiskBudget
+    from fapm_cli.io.taskvector_io import TaskVector
 
 
 class Inputs:
@@ -31,6 +40,37 @@ class Inputs:
         checkpoint = open_checkpoint(source)
         self.opened[side] = checkpoint
         return checkpoint
+
+    def open_finetuned(
+        self,
+        base: Checkpoint,
+        finetuned: str | None = None,
+        task_vector: str | None = None,
+        side: str = "finetuned",
+    ) -> FineTune:
+        """The fine-tune side: ``finetuned`` (a checkpoint or a LoRA adapter directory), or
+        ``task_vector``; every refusal comes from headers and configs, before any data."""
+        if task_vector is not None:
+            from fapm_cli.io.taskvector_io import TaskVectorReader, open_task_vector
+
+            taskvec = open_task_vector(self.open(side, task_vector), base)
+            return FineTune(
+                taskvec.checkpoint,
+                taskvec.finetuned_view(),
+                lambda: TaskVectorReader(taskvec),
+                taskvec=taskvec,
+                warnings=list(taskvec.warnings),
+            )
+        assert finetuned is not None
+        checkpoint = self.open(side, finetuned)
+        if is_adapter(checkpoint.source):
+            from fapm_cli.io.adapter import AdapterReader, open_adapter
+
+            adapter = open_adapter(checkpoint, base)
+            return FineTune(
+                checkpoint, adapter.finetuned_view(), lambda: AdapterReader(adapter), adapter
+            )
+        return FineTune(checkpoint, checkpoint)
 
     def local_paths(self) -> list[Path]:
         """Every local input, which the output must not overlap."""
@@ -61,6 +101,53 @@ class Inputs:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Rebuilder(Protocol):
+    """Rebuilds finetuned tensors from base as the stream yields them: a task vector's
+    (``TaskVectorReader``) or a LoRA adapter's (``AdapterReader``)."""
+
+    reader: TensorReader  # the rebuilder's own files, released shard by shard
+
+    def model(self, name: str, base: torch.Tensor | None) -> torch.Tensor: ...
+
+    def shards(self, name: str) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """The fine-tune side of a run, as ``Inputs.open_finetuned`` opened it."""
+
+    opened: Checkpoint  # what the user named
+    view: Checkpoint  # what is paired with base: the fine-tune's names, shapes and dtypes
+    rebuild: Callable[[], Rebuilder] | None = None  # None: ``view`` is read directly
+    adapter: Adapter | None = None
+    taskvec: TaskVector | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return "task_vector" if self.taskvec is not None else "finetuned"
+
+    def sources(self) -> dict[str, str]:
+        """Its entries of the output's provenance (``plan.provenance``'s ``sources``)."""
+        out = {self.kind: self.opened.source.provenance()}
+        if self.adapter is not None:
+            out["finetuned_adapter"] = "lora"
+        return out
+
+    def files(self, base: Checkpoint) -> list[tuple[str, Callable[[], str]]]:
+        """Its non-weight files to copy. A task vector has none of its own: base's. An
+        adapter has no model config: base's files, with the adapter's tokenizer files (if it
+        has any) in place of base's."""
+        if self.taskvec is not None:
+            return extra_files(base)
+        if self.adapter is not None:
+            own = dict(extra_files(self.opened))
+            names = self.adapter.tokenizer_files()
+            files = [(n, get) for n, get in extra_files(base) if n not in names]
+            return files + [(n, own[n]) for n in names]
+        return extra_files(self.opened)
 
 
 def extra_files(checkpoint: Checkpoint | None) -> list[tuple[str, Callable[[], str]]]:

@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from fapm_cli.compute.merge import (
 )
 from fapm_cli.compute.scoring import Workspace, workspace
 from fapm_cli.errors import UsageError
+from fapm_cli.io.adapter import Adapter, AdapterReader
 from fapm_cli.io.header import DType, PlannedTensor
 from fapm_cli.io.output import Output
 from fapm_cli.io.parts import Part, options_doc
@@ -69,6 +70,9 @@ class _Opened:
     items: dict[str, Item] | None = None  # fine-tunes: the prune plan, by tensor name
     tv_reader: TaskVectorReader | None = None
     reader: TensorReader | None = None
+    adapter: Adapter | None = None  # a LoRA adapter as the fine-tune (``items`` from its view)
+    ad_reader: AdapterReader | None = None
+    files: list[tuple[str, Callable[[], str]]] = field(default_factory=list)  # to copy
 
     def has(self, name: str) -> bool:
         return name in (self.taskvec.entries if self.taskvec else self.items or {})
@@ -89,6 +93,8 @@ class _Opened:
         if self.taskvec is not None:
             e = self.taskvec.entries.get(name)
             return [r for r in (e.main, e.positions) if r is not None] if e else []
+        if self.adapter is not None:
+            return self.adapter.refs(name) if self.items and name in self.items else []
         item = (self.items or {}).get(name)
         return [item.finetuned] if item and item.finetuned else []
 
@@ -96,6 +102,9 @@ class _Opened:
         if self.taskvec is not None:
             self.tv_reader = TaskVectorReader(self.taskvec)
             return self.tv_reader.reader
+        if self.adapter is not None:
+            self.ad_reader = AdapterReader(self.adapter)
+            return self.ad_reader.reader
         self.reader = TensorReader(self.checkpoint)
         return self.reader
 
@@ -150,16 +159,19 @@ def merge(
         warnings: list[str] = []
         for k, spec in enumerate(inputs):
             side = f"input{k}"
-            c = sources.open(side, spec.source)
-            o = _Opened(spec, side, c)
             if spec.kind == TASK_VECTOR_KIND:
+                c = sources.open(side, spec.source)
+                o = _Opened(spec, side, c)
                 o.taskvec = open_task_vector(c, base)
                 warnings += o.taskvec.warnings
                 check_pairs(base, o.taskvec)
-            else:
-                items = plan_prune(base, c, opts)
+            else:  # a fine-tune, or a LoRA adapter standing for one
+                ft = sources.open_finetuned(base, spec.source, side=side)
+                o = _Opened(spec, side, ft.opened, adapter=ft.adapter)
+                items = plan_prune(base, ft.view, opts)
                 warnings += [f"{spec.source}: {w}" for w in plan_warnings(items, opts)]
                 o.items = {i.name: i for i in items}
+                o.files = ft.files(base)
                 o.stream = sum(1 for p in opened if p.taskvec is None)
             opened.append(o)
         planned = _plan(base, opened, dtype)
@@ -182,7 +194,6 @@ def merge(
                 "inputs": json.dumps(described, separators=(",", ":")),
             },
         )
-        copy_from = finetunes[0].checkpoint if finetunes else base
         job = out.open([p.out for p in planned], metadata, options_doc(opts), {})
         try:
             mine = [p for p in planned if job.wants([p.name])]
@@ -190,7 +201,8 @@ def merge(
             if job.writes_data:
                 with workspace(device, threads) as ws:
                     records = _run(base, opened, mine, opts, job.writer, ws, progress)
-            joined = job.finish([r.to_json() for r in records], extra_files(copy_from))
+            copy = finetunes[0].files if finetunes else extra_files(base)
+            joined = job.finish([r.to_json() for r in records], copy)
             if not job.writes_data:
                 records = [MergeTensor.from_json(r) for r in joined]
         except BaseException:
@@ -325,14 +337,19 @@ def _merge_one(
                     keep(chunk.to(out))
 
         else:
-            assert first.reader is not None and first.items is not None
-            ft_reader = first.reader
-            exact = exact_finetuned(first.items[name], base, lambda: ft_reader.read(name), opts, ws)
+            assert first.items is not None
+            exact = exact_finetuned(first.items[name], base, _whole(first, name, base), opts, ws)
         return merge_tensor(p.out, base, [], write, ws, exact=exact)
     inputs: list[Contribution] = []
     dtypes = []
     for o in holders:
-        dtypes += [tv.torch_dtype(r.info.dtype) for r in o.refs(name)]
+        if o.adapter is not None:  # a rebuilt tensor: the merged model's dtype (base's)
+            assert o.items is not None
+            ref = o.items[name].finetuned
+            assert ref is not None
+            dtypes.append(tv.torch_dtype(ref.info.dtype))
+        else:
+            dtypes += [tv.torch_dtype(r.info.dtype) for r in o.refs(name)]
         if o.tv_reader is not None:
             e = o.tv_reader.tv.entries[name]
             inputs.append(
@@ -344,17 +361,10 @@ def _merge_one(
                 )
             )
         else:
-            assert o.reader is not None and o.items is not None
-            inputs.append(
-                FineTuned(
-                    o.items[name],
-                    o.spec.weight,
-                    _whole(o.reader, name),
-                    _ranged(o.reader, name),
-                    opts,
-                    o.stream,
-                )
-            )
+            assert o.items is not None
+            whole = _whole(o, name, base)
+            ranged = _ranged(o.reader, name) if o.reader is not None else _sliced(whole)
+            inputs.append(FineTuned(o.items[name], o.spec.weight, whole, ranged, opts, o.stream))
     return merge_tensor(p.out, base, inputs, write, ws, dtypes=dtypes)
 
 
@@ -362,8 +372,27 @@ def _ranged(reader: TensorReader, stored: str) -> Callable[[int, int], torch.Ten
     return lambda start, stop: reader.read_range(stored, start, stop)
 
 
-def _whole(reader: TensorReader, stored: str) -> Callable[[], torch.Tensor]:
-    return lambda: reader.read(stored)
+def _whole(o: _Opened, name: str, base: torch.Tensor | None) -> Callable[[], torch.Tensor]:
+    """A fine-tune's whole tensor ``name``: read, or rebuilt from base by an adapter (once:
+    the rebuilt tensor is kept for the item's slices)."""
+    if o.ad_reader is not None:
+        ad_reader = o.ad_reader
+        kept: list[torch.Tensor] = []
+
+        def rebuilt() -> torch.Tensor:
+            if not kept:
+                kept.append(ad_reader.model(name, base))
+            return kept[0]
+
+        return rebuilt
+    assert o.reader is not None
+    reader = o.reader
+    return lambda: reader.read(name)
+
+
+def _sliced(whole: Callable[[], torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
+    """Entries ``start:stop`` of the flattened ``whole()``."""
+    return lambda start, stop: whole().reshape(-1)[start:stop]
 
 
 def _mask_of(reader: TaskVectorReader, entry: Entry) -> Callable[[], torch.Tensor]:

@@ -34,7 +34,6 @@ from fapm_cli.io.header import DType
 from fapm_cli.io.output import Job, Output
 from fapm_cli.io.parts import Part, options_doc
 from fapm_cli.io.reader import Checkpoint, Side, TensorReader, stream
-from fapm_cli.io.taskvector_io import TaskVector, TaskVectorReader, open_task_vector
 from fapm_cli.plan import (
     MODEL_KIND,
     TASK_VECTOR_KIND,
@@ -55,7 +54,7 @@ from fapm_cli.plan import (
     provenance,
 )
 from fapm_cli.records import PruneReport, TensorResult, TVTensor
-from fapm_cli.verbs.inputs import Inputs, extra_files
+from fapm_cli.verbs.inputs import Inputs, Rebuilder, extra_files
 
 
 def prune(
@@ -94,17 +93,10 @@ def prune(
     show = bool(getattr(progress, "enabled", False))  # Hub download bars follow the main bar
     with Inputs(disk_budget, show) as inputs:
         base = inputs.open("base", base_source)
-        warnings: list[str] = []
-        taskvec: TaskVector | None = None
-        if task_vector_source is not None:
-            taskvec = open_task_vector(inputs.open("finetuned", task_vector_source), base)
-            warnings += taskvec.warnings
-            finetuned = taskvec.finetuned_view()
-            sources = {"task_vector": finetuned.source.provenance()}
-        else:
-            assert finetuned_source is not None
-            finetuned = inputs.open("finetuned", finetuned_source)
-            sources = {"finetuned": finetuned.source.provenance()}
+        side = inputs.open_finetuned(base, finetuned_source, task_vector_source)
+        warnings = list(side.warnings)
+        finetuned = side.view
+        sources = side.sources()
         items = plan_prune(base, finetuned, opts)
         if inputs.budget is not None:
             items = order_for_disk(items, inputs.fetch_costs(), inputs.budget.limit)
@@ -113,24 +105,24 @@ def prune(
             check_compact_names(items)
         out.check(inputs.local_paths())
         base_prov = base.source.provenance()
-        pair = Pair(base, finetuned, taskvec)
+        pair = Pair(base, finetuned, side.rebuild)
         with workspace(device, threads) as ws:
             if save is Save.MODEL:
                 metadata = provenance(MODEL_KIND, opts, sources={"base": base_prov, **sources})
-                # A task vector has no config or tokenizer of its own: "finetuned" files
-                # come from base.
-                copy_from = {
-                    FilesFrom.FINETUNED: base if taskvec is not None else finetuned,
-                    FilesFrom.BASE: base,
+                # A task vector or an adapter has no model config of its own: "finetuned"
+                # files then come from base (see ``FineTune.files``).
+                files = {
+                    FilesFrom.FINETUNED: side.files,
+                    FilesFrom.BASE: extra_files,
                 }.get(files_from)
                 settings = {"files_from": files_from.value, "save": save.value}
                 job = out.open(
                     [i.out for i in items], metadata, options_doc(opts), settings,
                     # Read buffers are reused only after the writer is done with them.
-                    background=prefetch and taskvec is None,
+                    background=prefetch and not pair.rebuilt,
                 )  # fmt: skip
                 results, shards = _write_model(
-                    pair, items, opts, job, extra_files(copy_from), ws, progress, prefetch
+                    pair, items, opts, job, files(base) if files else [], ws, progress, prefetch
                 )
                 stored: list[TVTensor] = []
                 passes = 1
@@ -200,11 +192,16 @@ def check_compact_names(items: Sequence[Item]) -> None:
 
 @dataclass(frozen=True)
 class Pair:
-    """What prune and diff read: base, and finetuned, or the task vector standing for it."""
+    """What prune, diff and score read: base, and finetuned, or what stands for it (a task
+    vector, a LoRA adapter) with the rebuilder of its tensors."""
 
     base: Checkpoint
-    finetuned: Checkpoint  # a task vector's ``finetuned_view`` when ``taskvec`` is given
-    taskvec: TaskVector | None = None
+    finetuned: Checkpoint  # a task vector's or adapter's ``finetuned_view`` with ``rebuild``
+    rebuild: Callable[[], Rebuilder] | None = None  # a fresh rebuilder for each stream
+
+    @property
+    def rebuilt(self) -> bool:
+        return self.rebuild is not None
 
     def steps(
         self,
@@ -213,8 +210,8 @@ class Pair:
         after: Callable[[Callable[[], None]], None] | None = None,
         prefetch: bool = True,
     ) -> contextlib.closing[Any]:
-        """The one stream over ``items``, yielding ``(item, base, finetuned, own)``; a task
-        vector's finetuned tensors are rebuilt from base as they come."""
+        """The one stream over ``items``, yielding ``(item, base, finetuned, own)``; rebuilt
+        finetuned tensors are rebuilt from base as they come."""
         return contextlib.closing(self._steps(items, progress, after, prefetch))
 
     def _steps(
@@ -225,11 +222,11 @@ class Pair:
         prefetch: bool,
     ) -> Any:
         base_side = Side(TensorReader(self.base), [i.base for i in items])
-        reader: TaskVectorReader | None = None
-        if self.taskvec is None:
+        reader: Rebuilder | None = None
+        if self.rebuild is None:
             ft_side = Side(TensorReader(self.finetuned), [i.finetuned for i in items])
         else:
-            reader = TaskVectorReader(self.taskvec)
+            reader = self.rebuild()
             ft_side = Side(
                 reader.reader, [None] * len(items), [reader.shards(i.name) for i in items]
             )

@@ -8,7 +8,6 @@ the one loop (``reader.stream``: read-ahead, shards released after their last us
 
 from __future__ import annotations
 
-import contextlib
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -17,20 +16,19 @@ from fapm_cli.compute.score import score_tensor
 from fapm_cli.compute.scoring import workspace
 from fapm_cli.io.header import DTYPES, PlannedTensor
 from fapm_cli.io.output import Output
-from fapm_cli.io.reader import Side, TensorReader, stream
 from fapm_cli.plan import (
     SCORES_KIND,
     Action,
     NoProgress,
     Progress,
     PruneOptions,
-    held_bytes,
     order_for_disk,
     plan_prune,
     provenance,
 )
 from fapm_cli.records import ForgettingReport, TensorScore, layer_of, module_of
 from fapm_cli.verbs.inputs import Inputs
+from fapm_cli.verbs.prune import Pair
 
 
 def score(
@@ -55,7 +53,8 @@ def score(
     show = bool(getattr(progress, "enabled", False))
     with Inputs(disk_budget, show) as inputs:
         base = inputs.open("base", base_source)
-        finetuned = inputs.open("finetuned", finetuned_source)
+        side = inputs.open_finetuned(base, finetuned_source)
+        finetuned = side.view
         items = plan_prune(base, finetuned, PruneOptions(sparsity=sparsity, lam=lam))
         scored = [i for i in items if i.action is Action.PRUNE]
         skipped = [i.name for i in items if i.action is not Action.PRUNE]
@@ -68,25 +67,16 @@ def score(
             metadata = provenance(
                 SCORES_KIND,
                 lam=lam,
-                sources={
-                    "base": base.source.provenance(),
-                    "finetuned": finetuned.source.provenance(),
-                },
+                sources={"base": base.source.provenance(), **side.sources()},
             )
             planned = [PlannedTensor(i.name, DTYPES["F32"], i.out.shape) for i in scored]
             job = out.open(planned, metadata, {}, {})
         results: list[TensorScore] = []
         try:
             progress.start(sum(i.read_bytes for i in scored), "score")
-            sides = [
-                Side(TensorReader(base), [i.base for i in scored]),
-                Side(TensorReader(finetuned), [i.finetuned for i in scored]),
-            ]
-            steps = stream(sides, held=[held_bytes(i) for i in scored], progress=progress.advance)
-            with workspace(device, threads) as ws, contextlib.closing(steps):
-                for step in steps:
-                    item = scored[step.pos]
-                    b, f = step.tensors
+            pair = Pair(base, finetuned, side.rebuild)
+            with workspace(device, threads) as ws, pair.steps(scored, progress.advance) as steps:
+                for item, b, f, _ in steps:
                     assert b is not None and f is not None
                     write = None
                     if job is not None:
