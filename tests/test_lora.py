@@ -274,3 +274,40 @@ def test_adapter_not_for_this_base_is_refused(made: Made, tmp_path: Path) -> Non
     out = fapm("diff", "-b", str(base), "-f", str(bad), "-o", str(tmp_path / "o"), code=4)
     assert "q_proj" in out
     assert not (tmp_path / "o").exists()
+
+
+def test_base_named_by_the_adapter(made: Made, tmp_path: Path) -> None:
+    base, adapter, merged = made("linear-bf16")
+    named = copy_adapter(adapter, tmp_path / "named", base_model_name_or_path=str(base))
+    fapm("prune", "-f", str(named), "-s", "0.5", "-o", str(tmp_path / "a"))
+    fapm("prune", "-b", str(base), "-f", str(merged), "-s", "0.5", "-o", str(tmp_path / "m"))
+    assert shards(tmp_path / "a") == shards(tmp_path / "m")
+    assert load_meta(tmp_path / "a")["fapm.base"] == str(base)
+    r = runner.invoke(app, ["score", "-f", str(named), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["base"] == str(base)
+    # Neither --base nor a base in the adapter's config (nor an adapter at all): a usage error.
+    out = fapm("prune", "-f", str(adapter), "-o", str(tmp_path / "o"), code=2)
+    assert "base_model_name_or_path" in out
+    out = fapm("diff", "-f", str(merged), "-o", str(tmp_path / "o"), code=2)
+    assert "--base is needed" in out
+    assert not (tmp_path / "o").exists()
+
+
+def test_saved_embedding_base_layer_replaces_base(made: Made, tmp_path: Path) -> None:
+    """PEFT saves a LoRA-adapted embedding's base layer beside the LoRA (resized or retrained
+    vocabularies) and loads it onto base: the adapter's copy is the weight the update goes on."""
+    base, adapter, plain = made("rslora-embed-save-fp32")
+    changed = copy_adapter(adapter, tmp_path / "changed")
+    tensors = load_file(changed / "adapter_model.safetensors")
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    tensors[key] = tensors[key] + 0.5
+    save_file(tensors, changed / "adapter_model.safetensors", metadata={"format": "pt"})
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(base)
+    merged = tmp_path / "merged"
+    peft.PeftModel.from_pretrained(fresh, changed).merge_and_unload().save_pretrained(merged)
+    fapm("prune", "-b", str(base), "-f", str(changed), "-s", "0", "-o", str(tmp_path / "out"))
+    want = load_checkpoint(merged)
+    emb = "model.embed_tokens.weight"
+    assert not torch.equal(want[emb], load_checkpoint(plain)[emb])  # PEFT did use the copy
+    assert_same_bits(load_checkpoint(tmp_path / "out"), want)

@@ -8,7 +8,7 @@ import typer
 
 from fapm_cli.cli.boundary import boundary
 from fapm_cli.cli.options import (
-    BaseOpt,
+    AdapterBaseOpt,
     DiskBudgetOpt,
     FinalizeOpt,
     FinetunedOpt,
@@ -40,9 +40,9 @@ Examples:
 
 @boundary
 def diff(
-    base: BaseOpt,
     finetuned: FinetunedOpt,
     output: OutputOpt,
+    base: AdapterBaseOpt = None,
     dtype: Annotated[
         str | None,
         typer.Option(

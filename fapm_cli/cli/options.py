@@ -27,13 +27,27 @@ BaseOpt = Annotated[
         show_default=False,
     ),
 ]
+AdapterBaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--base",
+        "-b",
+        metavar="SOURCE",
+        help="Pre-trained checkpoint: a directory, a .safetensors file, or a Hub id "
+        "org/name[@revision]. May be omitted when --finetuned is a LoRA adapter: its "
+        "base_model_name_or_path is the base.",
+        show_default=False,
+    ),
+]
 FinetunedOpt = Annotated[
     str,
     typer.Option(
         "--finetuned",
         "-f",
         metavar="SOURCE",
-        help="Fine-tuned checkpoint of the same architecture (same forms as --base).",
+        help="Fine-tuned checkpoint of the same architecture (same forms as --base), or a "
+        "LoRA adapter directory (PEFT's adapter_config.json + adapter_model.safetensors): "
+        "the model merge_and_unload() gives on base.",
         show_default=False,
     ),
 ]

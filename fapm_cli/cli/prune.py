@@ -8,7 +8,7 @@ import typer
 
 from fapm_cli.cli.boundary import boundary
 from fapm_cli.cli.options import (
-    BaseOpt,
+    AdapterBaseOpt,
     DeviceChoice,
     DeviceOpt,
     DiskBudgetOpt,
@@ -47,16 +47,17 @@ Examples:
 
 @boundary
 def prune(
-    base: BaseOpt,
     output: OutputOpt,
+    base: AdapterBaseOpt = None,
     finetuned: Annotated[
         str | None,
         typer.Option(
             "--finetuned",
             "-f",
             metavar="SOURCE",
-            help="Fine-tuned checkpoint of the same architecture (same forms as --base). "
-            "Give this or --task-vector.",
+            help="Fine-tuned checkpoint of the same architecture (same forms as --base), or a "
+            "LoRA adapter directory (PEFT's adapter_config.json + adapter_model.safetensors): "
+            "the model merge_and_unload() gives on base. Give this or --task-vector.",
             show_default=False,
         ),
     ] = None,

@@ -9,7 +9,7 @@ import typer
 
 from fapm_cli.cli.boundary import boundary
 from fapm_cli.cli.options import (
-    BaseOpt,
+    AdapterBaseOpt,
     DeviceChoice,
     DeviceOpt,
     DiskBudgetOpt,
@@ -51,8 +51,8 @@ Examples:
 
 @boundary
 def score(
-    base: BaseOpt,
     finetuned: FinetunedOpt,
+    base: AdapterBaseOpt = None,
     sparsity: Annotated[
         str,
         typer.Option(

@@ -30,7 +30,7 @@ from fapm_cli.verbs.prune import Pair, unchanged_warning, write_task_vector
 
 
 def diff(
-    base_source: str,
+    base_source: str | None,
     finetuned_source: str,
     output: str,
     *,
@@ -54,7 +54,7 @@ def diff(
     progress = progress or NoProgress()
     show = bool(getattr(progress, "enabled", False))
     with Inputs(disk_budget, show) as inputs:
-        base = inputs.open("base", base_source)
+        base = inputs.open_base(base_source, finetuned_source)
         side = inputs.open_finetuned(base, finetuned_source)
         finetuned = side.view
         items = plan_prune(base, finetuned, PruneOptions())

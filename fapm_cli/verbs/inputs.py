@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from fapm_cli.errors import UsageError
 from fapm_cli.io.adapter import Adapter, is_adapter
 from fapm_cli.io.reader import Checkpoint, TensorReader, open_checkpoint
 from fapm_cli.io.sources import resolve_source
@@ -40,6 +41,30 @@ class Inputs:
         checkpoint = open_checkpoint(source)
         self.opened[side] = checkpoint
         return checkpoint
+
+    def open_base(self, base: str | None, finetuned: str | None) -> Checkpoint:
+        """``base`` opened; when it is None, the base a LoRA adapter ``finetuned`` names."""
+        if base is None:
+            base = self._adapter_base(finetuned)
+        return self.open("base", base)
+
+    def _adapter_base(self, finetuned: str | None) -> str:
+        if finetuned is not None:
+            source = resolve_source(finetuned, budget=self.budget, show_progress=self.show_progress)
+            if is_adapter(source):
+                from fapm_cli.io.adapter import read_config
+
+                named = read_config(source).get("base_model_name_or_path")
+                if isinstance(named, str) and named:
+                    return named
+                raise UsageError(
+                    f"{finetuned}: the adapter names no base (base_model_name_or_path)",
+                    hint="pass --base",
+                )
+        raise UsageError(
+            "--base is needed unless --finetuned is a LoRA adapter that names its base",
+            hint="pass --base",
+        )
 
     def open_finetuned(
         self,

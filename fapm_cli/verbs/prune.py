@@ -58,7 +58,7 @@ from fapm_cli.verbs.inputs import Inputs, Rebuilder, extra_files
 
 
 def prune(
-    base_source: str,
+    base_source: str | None,
     finetuned_source: str | None,
     output: str,
     opts: PruneOptions,
@@ -80,6 +80,9 @@ def prune(
     """Prune ``finetuned`` (or the fine-tune ``task_vector_source`` stands for) against
     ``base`` and write the merged model, or with ``save=TASK_VECTOR`` the pruned task vector.
 
+    ``finetuned_source`` may be a LoRA adapter directory (``io.adapter``): the fine-tune is
+    then the model PEFT's ``merge_and_unload()`` gives on base, rebuilt tensor by tensor;
+    ``base_source`` None then means the base the adapter names (``base_model_name_or_path``).
     ``disk_budget`` bounds the bytes of downloaded Hub shards kept on disk (see ``io.hub``).
     ``part`` writes only that part's shards, next to ``output`` (see ``io.parts``);
     ``finalize`` then joins all parts into ``output``. The report of a part covers its own
@@ -92,7 +95,7 @@ def prune(
     progress = progress or NoProgress()
     show = bool(getattr(progress, "enabled", False))  # Hub download bars follow the main bar
     with Inputs(disk_budget, show) as inputs:
-        base = inputs.open("base", base_source)
+        base = inputs.open_base(base_source, finetuned_source)
         side = inputs.open_finetuned(base, finetuned_source, task_vector_source)
         warnings = list(side.warnings)
         finetuned = side.view

@@ -32,7 +32,7 @@ from fapm_cli.verbs.prune import Pair
 
 
 def score(
-    base_source: str,
+    base_source: str | None,
     finetuned_source: str,
     sparsity: Fraction,
     lam: float = 1.0,
@@ -52,7 +52,7 @@ def score(
     progress = progress or NoProgress()
     show = bool(getattr(progress, "enabled", False))
     with Inputs(disk_budget, show) as inputs:
-        base = inputs.open("base", base_source)
+        base = inputs.open_base(base_source, finetuned_source)
         side = inputs.open_finetuned(base, finetuned_source)
         finetuned = side.view
         items = plan_prune(base, finetuned, PruneOptions(sparsity=sparsity, lam=lam))
