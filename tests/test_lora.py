@@ -311,3 +311,15 @@ def test_saved_embedding_base_layer_replaces_base(made: Made, tmp_path: Path) ->
     emb = "model.embed_tokens.weight"
     assert not torch.equal(want[emb], load_checkpoint(plain)[emb])  # PEFT did use the copy
     assert_same_bits(load_checkpoint(tmp_path / "out"), want)
+
+
+def test_adapter_in_the_wrong_place(made: Made, tmp_path: Path) -> None:
+    base, adapter, _ = made("linear-bf16")
+    out = fapm("prune", "-b", str(base), "-t", str(adapter), "-o", str(tmp_path / "o"), code=3)
+    assert "is a LoRA adapter, not a task vector" in out
+    out = fapm("merge", "-b", str(base), "-t", str(adapter), "-o", str(tmp_path / "o"), code=3)
+    assert "is a LoRA adapter, not a task vector" in out
+    alone = str(adapter / "adapter_model.safetensors")  # without its config
+    out = fapm("prune", "-b", str(base), "-f", alone, "-o", str(tmp_path / "o"), code=3)
+    assert "no adapter_config.json" in out
+    assert not (tmp_path / "o").exists()

@@ -70,6 +70,21 @@ def is_adapter(source: Source) -> bool:
     return not isinstance(source, LocalFile) and ADAPTER_CONFIG in source.list_files()
 
 
+def refuse_as_task_vector(checkpoint: Checkpoint) -> None:
+    """An adapter given where a task vector is expected: say what it is."""
+    if is_adapter(checkpoint.source):
+        raise InputError(
+            f"{checkpoint.display}: is a LoRA adapter, not a task vector",
+            hint="pass it as --finetuned",
+        )
+
+
+def looks_like_adapter_file(checkpoint: Checkpoint) -> bool:
+    """Every tensor named as PEFT names adapter tensors (an adapter file given without its
+    directory, hence without its config)."""
+    return bool(checkpoint.tensors) and all(n.startswith(PREFIX) for n in checkpoint.tensors)
+
+
 def is_tokenizer_file(name: str) -> bool:
     return name.startswith("tokenizer") or name in _TOKENIZER_FILES
 
@@ -355,10 +370,17 @@ class AdapterReader:
         delta = b @ a
         if t.transpose:
             delta = delta.T
-        delta = delta * t.scaling
+        delta.mul_(t.scaling)
         if t.kind == EMBEDDING:
             return w + delta.to(w.dtype)
-        return (w.to(cdt) + delta).to(w.dtype)
+        if w.dtype == cdt:
+            return w + delta
+        # W promoted to float32, the sum rounded once (PEFT's in-place ``W += delta``); the
+        # float32 temporaries are the delta and the sum, never base's bytes overwritten.
+        total = w.to(cdt)
+        total += delta
+        del delta
+        return total.to(w.dtype)
 
     def shards(self, name: str) -> list[str]:
         """The adapter shards tensor ``name`` reads."""

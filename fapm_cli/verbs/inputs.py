@@ -12,8 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from fapm_cli.errors import UsageError
-from fapm_cli.io.adapter import Adapter, is_adapter
+from fapm_cli.errors import InputError, UsageError
+from fapm_cli.io.adapter import (
+    Adapter,
+    is_adapter,
+    looks_like_adapter_file,
+    refuse_as_task_vector,
+)
 from fapm_cli.io.reader import Checkpoint, TensorReader, open_checkpoint
 from fapm_cli.io.sources import resolve_source
 
@@ -78,7 +83,9 @@ class Inputs:
         if task_vector is not None:
             from fapm_cli.io.taskvector_io import TaskVectorReader, open_task_vector
 
-            taskvec = open_task_vector(self.open(side, task_vector), base)
+            opened = self.open(side, task_vector)
+            refuse_as_task_vector(opened)
+            taskvec = open_task_vector(opened, base)
             return FineTune(
                 taskvec.checkpoint,
                 taskvec.finetuned_view(),
@@ -94,6 +101,13 @@ class Inputs:
             adapter = open_adapter(checkpoint, base)
             return FineTune(
                 checkpoint, adapter.finetuned_view(), lambda: AdapterReader(adapter), adapter
+            )
+        if looks_like_adapter_file(checkpoint) and not looks_like_adapter_file(base):
+            raise InputError(
+                f"{checkpoint.display}: holds PEFT adapter tensors but no adapter_config.json "
+                "beside them",
+                hint="pass the adapter's directory (adapter_config.json + "
+                "adapter_model.safetensors) as --finetuned",
             )
         return FineTune(checkpoint, checkpoint)
 

@@ -28,7 +28,7 @@ from fapm_cli.compute.merge import (
 )
 from fapm_cli.compute.scoring import Workspace, workspace
 from fapm_cli.errors import UsageError
-from fapm_cli.io.adapter import Adapter, AdapterReader
+from fapm_cli.io.adapter import Adapter, AdapterReader, refuse_as_task_vector
 from fapm_cli.io.header import DType, PlannedTensor
 from fapm_cli.io.output import Output
 from fapm_cli.io.parts import Part, options_doc
@@ -161,6 +161,7 @@ def merge(
             side = f"input{k}"
             if spec.kind == TASK_VECTOR_KIND:
                 c = sources.open(side, spec.source)
+                refuse_as_task_vector(c)
                 o = _Opened(spec, side, c)
                 o.taskvec = open_task_vector(c, base)
                 warnings += o.taskvec.warnings
