@@ -22,6 +22,8 @@ from typer.testing import CliRunner
 
 from fapm_cli.cli.app import app
 from tests.checkpoints import load_checkpoint
+from tests.hub_server import FakeHub
+from tests.test_hub import hf, hub  # noqa: F401  (fixtures: the Hub emulator)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -323,3 +325,23 @@ def test_adapter_in_the_wrong_place(made: Made, tmp_path: Path) -> None:
     out = fapm("prune", "-b", str(base), "-f", alone, "-o", str(tmp_path / "o"), code=3)
     assert "no adapter_config.json" in out
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.usefixtures("hf")
+def test_adapter_and_its_base_on_the_hub(
+    made: Made, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """An adapter repo naming a base repo: ``fapm prune -f org/lora`` fetches both (under a
+    disk budget too) and gives what the local merged model gives."""
+    base, adapter, merged = made("linear-bf16")
+    fake: FakeHub = request.getfixturevalue("hub")
+    fake.add_commit("org/base", base)
+    fake.add_commit(
+        "org/lora", copy_adapter(adapter, tmp_path / "named", base_model_name_or_path="org/base")
+    )
+    fapm("prune", "-f", "org/lora", "-s", "0.5", "-o", str(tmp_path / "a"), "--disk-budget", "1MB")
+    fapm("prune", "-b", str(base), "-f", str(merged), "-s", "0.5", "-o", str(tmp_path / "m"))
+    assert shards(tmp_path / "a") == shards(tmp_path / "m")
+    meta = load_meta(tmp_path / "a")
+    assert "org/lora" in meta["fapm.finetuned"] and "org/base" in meta["fapm.base"]
+    assert (tmp_path / "a" / "config.json").exists()
