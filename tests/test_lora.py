@@ -67,6 +67,11 @@ SCENARIOS: dict[str, tuple[Callable[[torch.dtype], Any], torch.dtype, dict[str, 
         {"r": 4, "lora_alpha": 7, "use_rslora": True,
          "target_modules": ["k_proj", "up_proj", "embed_tokens"], "modules_to_save": ["lm_head"]},
     ),
+    "embed-fp16": (
+        llama, torch.float16,
+        {"r": 2, "lora_alpha": 5, "target_modules": ["v_proj", "embed_tokens"]},
+    ),
+    "linear-fp64": (llama, torch.float64, {"r": 3, "lora_alpha": 4, "target_modules": ["q_proj"]}),
     "gpt2-fan-in-fan-out": (
         gpt2, torch.float32,
         {"r": 4, "lora_alpha": 16, "target_modules": ["c_attn", "c_proj", "c_fc"],
@@ -345,3 +350,16 @@ def test_adapter_and_its_base_on_the_hub(
     meta = load_meta(tmp_path / "a")
     assert "org/lora" in meta["fapm.finetuned"] and "org/base" in meta["fapm.base"]
     assert (tmp_path / "a" / "config.json").exists()
+
+
+def test_parts_of_an_adapter_run_join_to_a_single_run(made: Made, tmp_path: Path) -> None:
+    base, adapter, merged = made("rslora-embed-save-bf16")
+    args = ["prune", "-b", str(base), "-f", str(adapter), "-s", "0.5", "--max-shard-size", "20KB"]
+    fapm(*args, "-o", str(tmp_path / "single"))
+    joined = str(tmp_path / "joined")
+    for part in ("--part=1/2", "--part=2/2", "--finalize"):
+        fapm(*args, "-o", joined, part)
+    got, want = shards(tmp_path / "joined"), shards(tmp_path / "single")
+    assert len(want) > 2 and got == want
+    fapm("prune", "-b", str(base), "-f", str(merged), "-s", "0.5", "-o", str(tmp_path / "m"))
+    assert_same_bits(load_checkpoint(tmp_path / "joined"), load_checkpoint(tmp_path / "m"))
