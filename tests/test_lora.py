@@ -290,6 +290,8 @@ def test_base_named_by_the_adapter(made: Made, tmp_path: Path) -> None:
     fapm("prune", "-b", str(base), "-f", str(merged), "-s", "0.5", "-o", str(tmp_path / "m"))
     assert shards(tmp_path / "a") == shards(tmp_path / "m")
     assert load_meta(tmp_path / "a")["fapm.base"] == str(base)
+    fapm("merge", "-f", str(named), "-s", "0.5", "-o", str(tmp_path / "mg"))
+    assert_same_bits(load_checkpoint(tmp_path / "mg"), load_checkpoint(tmp_path / "m"))
     r = runner.invoke(app, ["score", "-f", str(named), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["base"] == str(base)

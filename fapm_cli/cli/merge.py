@@ -8,7 +8,7 @@ import typer
 
 from fapm_cli.cli.boundary import boundary
 from fapm_cli.cli.options import (
-    BaseOpt,
+    AdapterBaseOpt,
     DeviceChoice,
     DeviceOpt,
     DiskBudgetOpt,
@@ -47,8 +47,8 @@ Weights pair with the inputs in order: every --task-vector first, then every
 
 @boundary
 def merge(
-    base: BaseOpt,
     output: OutputOpt,
+    base: AdapterBaseOpt = None,
     task_vectors: Annotated[
         list[str] | None,
         typer.Option(
@@ -67,7 +67,8 @@ def merge(
             "-f",
             metavar="SOURCE",
             help="A fine-tune of base, pruned on the fly (--method, --sparsity) before it is "
-            "added. Repeatable.",
+            "added; or a LoRA adapter directory (the model merge_and_unload() gives on base; "
+            "the first one may name base). Repeatable.",
             show_default=False,
         ),
     ] = None,

@@ -123,7 +123,7 @@ class _Planned:
 
 
 def merge(
-    base_source: str,
+    base_source: str | None,
     output: str,
     inputs: Sequence[MergeInput],
     *,
@@ -154,7 +154,8 @@ def merge(
     opts = replace(opts or PruneOptions(), dtype=dtype)
     show = bool(getattr(progress, "enabled", False))
     with Inputs(disk_budget, show) as sources:
-        base = sources.open("base", base_source)
+        first_ft = next((i.source for i in inputs if i.kind != TASK_VECTOR_KIND), None)
+        base = sources.open_base(base_source, first_ft)  # None: the adapter's base
         opened: list[_Opened] = []
         warnings: list[str] = []
         for k, spec in enumerate(inputs):
