@@ -328,6 +328,10 @@ def test_adapter_in_the_wrong_place(made: Made, tmp_path: Path) -> None:
     assert "is a LoRA adapter, not a task vector" in out
     out = fapm("merge", "-b", str(base), "-t", str(adapter), "-o", str(tmp_path / "o"), code=3)
     assert "is a LoRA adapter, not a task vector" in out
+    both = copy_adapter(adapter, tmp_path / "both")
+    (both / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes())
+    out = fapm("score", "-b", str(base), "-f", str(both), code=3)
+    assert "not adapter_model.safetensors alone" in out
     alone = str(adapter / "adapter_model.safetensors")  # without its config
     out = fapm("prune", "-b", str(base), "-f", alone, "-o", str(tmp_path / "o"), code=3)
     assert "no adapter_config.json" in out

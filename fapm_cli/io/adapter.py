@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's saved names: the wrapped model's module names after it
 LINEAR, EMBEDDING = "linear", "embedding"
 _PARTS = {
@@ -231,6 +232,12 @@ def open_adapter(checkpoint: Checkpoint, base: Checkpoint) -> Adapter:
     and headers alone; refuse what does not fit base before any data is read."""
     config = read_config(checkpoint.source)
     where = checkpoint.display
+    if list(checkpoint.shards) != [ADAPTER_WEIGHTS]:
+        raise InputError(
+            f"{where}: has {ADAPTER_CONFIG} but its weights are {sorted(checkpoint.shards)}, "
+            f"not {ADAPTER_WEIGHTS} alone",
+            hint="point --finetuned at a directory holding either a model or a PEFT adapter",
+        )
     parts: dict[str, dict[str, TensorRef]] = {}
     kinds: dict[str, str] = {}
     replaced: dict[str, TensorRef] = {}
