@@ -369,3 +369,26 @@ def test_parts_of_an_adapter_run_join_to_a_single_run(made: Made, tmp_path: Path
     assert len(want) > 2 and got == want
     fapm("prune", "-b", str(base), "-f", str(merged), "-s", "0.5", "-o", str(tmp_path / "m"))
     assert_same_bits(load_checkpoint(tmp_path / "joined"), load_checkpoint(tmp_path / "m"))
+
+
+def test_files_copied_for_an_adapter(made: Made, tmp_path: Path) -> None:
+    """Base's config and files, with the adapter's tokenizer files (never its own config or
+    README) in their place; --files-from base takes base's alone."""
+    base, adapter, _ = made("linear-bf16")
+    own = copy_adapter(adapter, tmp_path / "own")
+    (own / "tokenizer_config.json").write_text('{"from": "adapter"}')
+    (own / "README.md").write_text("adapter card")
+    (own / "trainer_state.json").write_text("{}")
+    fapm("prune", "-b", str(base), "-f", str(own), "-o", str(tmp_path / "a"))
+    base_files = files(base)
+    assert files(tmp_path / "a") == base_files | {"tokenizer_config.json"}
+    assert (tmp_path / "a" / "tokenizer_config.json").read_text() == '{"from": "adapter"}'
+    fapm(
+        "prune", "-b", str(base), "-f", str(own), "-o", str(tmp_path / "b"), "--files-from", "base"
+    )
+    assert files(tmp_path / "b") == base_files
+
+
+def files(tree: Path) -> set[str]:
+    """Non-weight file names (neither shards nor the index fapm writes)."""
+    return {p.name for p in tree.iterdir() if not p.name.startswith("model.safetensors")}
