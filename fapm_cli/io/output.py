@@ -33,6 +33,9 @@ class Output:
     overwrite: bool = False
     part: Part | None = None
     finalize: bool = False
+    # Where the inputs are (full local paths, Hub commits): outputs record only their names,
+    # so parts and finalize also compare this, not to mix runs on two inputs of one name.
+    identity: str = ""
 
     def __post_init__(self) -> None:
         if self.part is not None and self.finalize:
@@ -66,7 +69,7 @@ class Output:
         bytes, so parts and finalize made with different values refuse to mix."""
         groups = plan_shards(list(planned), self.max_shard_size)
         plan = list(zip(shard_names(len(groups)), groups, strict=True))
-        settings = {"max_shard_size": str(self.max_shard_size), **settings}
+        settings = {"max_shard_size": str(self.max_shard_size), "inputs": self.identity, **settings}
         digest = parts.options_hash(options, metadata, plan, settings)
         mine: list[str] | None = None
         if self.part is not None:
@@ -120,22 +123,26 @@ class Job:
         self,
         records: list[dict[str, Any]],
         files: Sequence[tuple[str, Callable[[], str]]] = (),
+        generated: Callable[[list[dict[str, Any]]], list[tuple[str, str]]] | None = None,
     ) -> list[dict[str, Any]]:
         """Complete the output (or this part, with its marker) and move it into place.
-        Returns the per-tensor records of what is now in place: on --finalize, every part's."""
+        ``generated(records)`` gives files fapm writes itself (name, text), from the records
+        of the whole output (a model card). Returns the per-tensor records of what is now in
+        place: on --finalize, every part's."""
         out = self.output
+        if out.part is not None:
+            self.writer.finish_part(parts.MARKER, parts.marker(out.part, self.digest, records))
+            return records
+        staging = None
         if out.finalize:
             staging = parts.staging_dir(out.path)
             joined = parts.collect(staging, self.digest, [name for name, _ in self.plan])
             for name, _ in self.plan:
                 self.writer.adopt(name, joined.shard_path[name], joined.shard_info[name])
-            self.writer.finish(files)
+            records = joined.records
+        self.writer.finish(files, generated(records) if generated is not None else ())
+        if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-            return joined.records
-        if out.part is not None:
-            self.writer.finish_part(parts.MARKER, parts.marker(out.part, self.digest, records))
-        else:
-            self.writer.finish(files)
         return records
 
     def abort(self) -> None:

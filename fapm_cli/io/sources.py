@@ -83,7 +83,7 @@ class LocalDir:
         pass
 
     def provenance(self) -> str:
-        return self.display
+        return local_name(self.path)
 
 
 class LocalFile:
@@ -112,7 +112,7 @@ class LocalFile:
         pass
 
     def provenance(self) -> str:
-        return self.display
+        return local_name(self.path)
 
 
 def resolve_source(
@@ -150,3 +150,9 @@ def resolve_source(
         f"{text}: no such file or directory",
         hint="give a checkpoint directory, a .safetensors file or a Hub id like org/name@revision",
     )
+
+
+def local_name(path: Path) -> str:
+    """How a local input is recorded in outputs: its directory or file name, never the path
+    (outputs get published; the path says where someone's disk keeps their files)."""
+    return path.name or Path(os.path.realpath(path)).name or "checkpoint"

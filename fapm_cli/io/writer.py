@@ -379,10 +379,15 @@ class CheckpointWriter:
         except OSError as err:
             raise os_error(err, str(self.output)) from err
 
-    def finish(self, copy_files: Sequence[tuple[str, Callable[[], str]]] = ()) -> None:
+    def finish(
+        self,
+        copy_files: Sequence[tuple[str, Callable[[], str]]] = (),
+        texts: Sequence[tuple[str, str]] = (),
+    ) -> None:
         """Close the last shard, write the index, copy extra files, and move into place.
 
-        ``copy_files`` pairs a file name with a function returning the local path to copy.
+        ``copy_files`` pairs a file name with a function returning the local path to copy;
+        ``texts`` pairs a file name with the text fapm writes there itself.
         """
         self._complete()
         total = sum(t.nbytes for _, t in self._queue)
@@ -396,6 +401,8 @@ class CheckpointWriter:
                 dest = self.tmp / name
                 shutil.copyfile(local_path(), dest)
                 os.chmod(dest, FILE_MODE)
+            for name, text in texts:
+                self._write_small(name, text)
             os.chmod(self.tmp, DIR_MODE)
             self._move_into_place()
         except OSError as err:

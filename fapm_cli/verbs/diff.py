@@ -7,6 +7,7 @@ with nothing pruned: every entry is kept.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fapm_cli.compute.scoring import workspace
@@ -61,6 +62,7 @@ def diff(
         if inputs.budget is not None:
             items = order_for_disk(items, inputs.fetch_costs(), inputs.budget.limit)
         out.check(inputs.local_paths())
+        out = replace(out, identity=inputs.identity())
         metadata = provenance(
             TASK_VECTOR_KIND,
             sources={"base": base.source.provenance(), **side.sources()},

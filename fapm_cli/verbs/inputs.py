@@ -7,10 +7,12 @@ and, where tensors are rebuilt from base, the rebuilder ``verbs.prune.Pair`` str
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fapm_cli.errors import InputError, UsageError
 from fapm_cli.io.adapter import (
@@ -19,6 +21,7 @@ from fapm_cli.io.adapter import (
     looks_like_adapter_file,
     refuse_as_task_vector,
 )
+from fapm_cli.io.header import DType
 from fapm_cli.io.reader import Checkpoint, TensorReader, open_checkpoint
 from fapm_cli.io.sources import resolve_source
 
@@ -120,6 +123,15 @@ class Inputs:
                 paths.append(Path(p))
         return paths
 
+    def identity(self) -> str:
+        """Where every input is, in full (local real paths, Hub commits), for the digest that
+        keeps split runs apart; outputs record only names (``Source.provenance``)."""
+        where = {}
+        for side, c in self.opened.items():
+            p = getattr(c.source, "path", None)
+            where[side] = os.path.realpath(p) if p is not None else c.source.provenance()
+        return json.dumps(where, sort_keys=True)
+
     def fetch_costs(self) -> Callable[[str, str], int]:
         """Bytes each (side, shard) would add to the disk when read (0 unless a download)."""
         from fapm_cli.io.hub import fetch_size
@@ -197,3 +209,48 @@ def extra_files(checkpoint: Checkpoint | None) -> list[tuple[str, Callable[[], s
         (name, lambda name=name: checkpoint.source.local_path(name))  # type: ignore[misc]
         for name in checkpoint.extra_files
     ]
+
+
+Files = list[tuple[str, Callable[[], str]]]
+Generated = Callable[[list[dict[str, Any]]], list[tuple[str, str]]]
+
+
+def published(
+    files: Files, dtype: DType | None, card: Callable[[list[dict[str, Any]]], str]
+) -> tuple[Files, Generated]:
+    """What a model output gets beside its shards: the copied files less the fine-tune's card
+    (``README.md`` describes another model: fapm writes its own), and with ``--dtype`` a
+    ``config.json`` that names the dtype the weights now have (``from_pretrained(dtype="auto")``
+    reads it)."""
+    from fapm_cli.report.card import CARD_NAME
+
+    config = next((get for name, get in files if name == "config.json"), None)
+    rewrite = dtype is not None and config is not None
+    copied = [(n, g) for n, g in files if n != CARD_NAME and not (rewrite and n == "config.json")]
+
+    def generated(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        out = [(CARD_NAME, card(records))]
+        if rewrite:
+            assert config is not None and dtype is not None
+            out.append(("config.json", config_with_dtype(config(), dtype)))
+        return out
+
+    return copied, generated
+
+
+def config_with_dtype(path: str, dtype: DType) -> str:
+    """``config.json`` at ``path`` with its dtype set to ``dtype`` (as transformers writes it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:
+        raise InputError(
+            f"{path}: cannot read config.json to set its dtype ({err})",
+            hint="restore the config file, or drop --dtype",
+        ) from err
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: config.json is not an object", hint="restore the config file")
+    config["torch_dtype"] = dtype.torch_name
+    if "dtype" in config:  # transformers 4.56+ writes this name
+        config["dtype"] = dtype.torch_name
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"

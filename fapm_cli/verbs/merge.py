@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,7 +56,8 @@ from fapm_cli.plan import (
     provenance,
 )
 from fapm_cli.records import MergeInput, MergeReport, MergeTensor
-from fapm_cli.verbs.inputs import Inputs, extra_files
+from fapm_cli.report.card import CardInput, model_card
+from fapm_cli.verbs.inputs import Inputs, extra_files, published
 
 
 @dataclass
@@ -182,6 +184,7 @@ def merge(
                 planned, sources.fetch_costs(), sources.budget.limit, _shards(opened)
             )
         out.check(sources.local_paths())
+        out = replace(out, identity=sources.identity())
         finetunes = [o for o in opened if o.taskvec is None]
         described = [
             {"kind": o.spec.kind, "source": o.checkpoint.source.provenance(),
@@ -204,7 +207,9 @@ def merge(
                 with workspace(device, threads) as ws:
                     records = _run(base, opened, mine, opts, job.writer, ws, progress)
             copy = finetunes[0].files if finetunes else extra_files(base)
-            joined = job.finish([r.to_json() for r in records], copy)
+            card = _card(base.source.provenance(), opened, opts if finetunes else None, dtype)
+            copied, generated = published(copy, dtype, card)
+            joined = job.finish([r.to_json() for r in records], copied, generated)
             if not job.writes_data:
                 records = [MergeTensor.from_json(r) for r in joined]
         except BaseException:
@@ -237,6 +242,35 @@ def merge(
         time.monotonic() - started,
         warnings,
     )
+
+
+def _card(
+    base: str, opened: Sequence[_Opened], opts: PruneOptions | None, dtype: DType | None
+) -> Callable[[list[dict[str, Any]]], str]:
+    """The model card of a merged model."""
+    inputs = [
+        CardInput(
+            "task vector" if o.taskvec is not None else "finetuned",
+            o.checkpoint.source.provenance(),
+            o.spec.weight,
+        )
+        for o in opened
+    ]
+    args = ["--base", base]
+    for o in opened:
+        args += ["--task-vector" if o.taskvec is not None else "--finetuned",
+                 o.checkpoint.source.provenance()]  # fmt: skip
+    for o in opened:
+        args += ["--weight", f"{o.spec.weight:g}"]
+    if opts is not None:
+        args += ["--method", opts.method.value, "--sparsity", str(float(opts.sparsity))]
+    if dtype is not None:
+        args += ["--dtype", dtype.torch_name]
+
+    def card(records: list[dict[str, Any]]) -> str:
+        return model_card("merge", base, inputs, opts, None, args)
+
+    return card
 
 
 def _plan(base: Checkpoint, opened: Sequence[_Opened], dtype: DType | None) -> list[_Planned]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,9 @@ from fapm_cli.plan import (
     plan_warnings,
     provenance,
 )
-from fapm_cli.records import PruneReport, TensorResult, TVTensor
-from fapm_cli.verbs.inputs import Inputs, Rebuilder, extra_files
+from fapm_cli.records import PruneReport, TensorResult, TVTensor, summarize
+from fapm_cli.report.card import CardInput, model_card
+from fapm_cli.verbs.inputs import Generated, Inputs, Rebuilder, extra_files, published
 
 
 def prune(
@@ -107,6 +108,7 @@ def prune(
         if fmt is Format.COMPACT:
             check_compact_names(items)
         out.check(inputs.local_paths())
+        out = replace(out, identity=inputs.identity())
         base_prov = base.source.provenance()
         pair = Pair(base, finetuned, side.rebuild)
         with workspace(device, threads) as ws:
@@ -124,8 +126,12 @@ def prune(
                     # Read buffers are reused only after the writer is done with them.
                     background=prefetch and not pair.rebuilt,
                 )  # fmt: skip
+                copied, generated = published(
+                    files(base) if files else [], opts.dtype,
+                    _card(base_prov, side.kind, sources[side.kind], opts),
+                )  # fmt: skip
                 results, shards = _write_model(
-                    pair, items, opts, job, files(base) if files else [], ws, progress, prefetch
+                    pair, items, opts, job, copied, generated, ws, progress, prefetch
                 )
                 stored: list[TVTensor] = []
                 passes = 1
@@ -156,6 +162,33 @@ def prune(
         stored,
         passes,
     )
+
+
+def _card(
+    base: str, kind: str, finetuned: str, opts: PruneOptions
+) -> Callable[[list[dict[str, Any]]], str]:
+    """The model card of a pruned model, from the records of all its tensors."""
+
+    def card(records: list[dict[str, Any]]) -> str:
+        totals = summarize([TensorResult.from_json(r) for r in records])
+        flag = "--task-vector" if kind == "task_vector" else "--finetuned"
+        args = ["--base", base, flag, finetuned, "--method", opts.method.value,
+                "--sparsity", str(float(opts.sparsity))]  # fmt: skip
+        if opts.method is Method.FAPM:
+            args += ["--lam", f"{opts.lam:g}"]
+        if opts.method is Method.RANDOM:
+            args += ["--seed", str(opts.seed)]
+        for flag_name, patterns in (("--keep-base", opts.keep_base),
+                                    ("--keep-finetuned", opts.keep_finetuned)):  # fmt: skip
+            for pattern in patterns:
+                args += [flag_name, pattern]
+        if opts.dtype is not None:
+            args += ["--dtype", opts.dtype.torch_name]
+        role = "task vector" if kind == "task_vector" else "finetuned"
+        kept = float(totals["kept_fraction"]) if totals["pruned_tensors"] else None
+        return model_card("prune", base, [CardInput(role, finetuned)], opts, kept, args)
+
+    return card
 
 
 def unchanged_warning() -> str:
@@ -258,6 +291,7 @@ def _write_model(
     opts: PruneOptions,
     job: Job,
     files: Sequence[tuple[str, Callable[[], str]]],
+    generated: Generated,
     ws: Workspace,
     progress: Progress,
     prefetch: bool,
@@ -274,7 +308,7 @@ def _write_model(
                     writer.begin(item.name)
                     # Tensors read here are the loop's own: the output may overwrite finetuned's.
                     results.append(process_item(item, b, f, opts, writer.write, ws, inplace=own))
-        joined = job.finish([r.to_json() for r in results], files)
+        joined = job.finish([r.to_json() for r in results], files, generated)
         if not job.writes_data:
             results = [TensorResult.from_json(r) for r in joined]
     except BaseException:
