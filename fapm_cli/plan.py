@@ -133,6 +133,16 @@ class Item:
     def read_bytes(self) -> int:
         return sum(r.info.nbytes for r in (self.base, self.finetuned) if r is not None)
 
+    @property
+    def resized(self) -> bool:
+        """Finetuned has more rows here (added tokens): base's rows are pruned as one tensor,
+        the added rows taken from finetuned whole (``pairing.rows_added``)."""
+        return (
+            self.base is not None
+            and self.finetuned is not None
+            and self.base.info.shape != self.finetuned.info.shape
+        )
+
 
 def _match(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -145,8 +155,9 @@ def first_names(names: Sequence[str], n: int = 5) -> str:
 
 def plan_prune(base: Checkpoint, finetuned: Checkpoint, opts: PruneOptions) -> list[Item]:
     """Pair tensors by name and decide each one's action; refuse mismatches up front."""
-    only_ft = [n for n in finetuned.tensors if n not in base.tensors]
-    only_base = [n for n in base.tensors if n not in finetuned.tensors]
+    tied_base, untied = tied_heads(base, finetuned)
+    only_ft = [n for n in finetuned.tensors if n not in base.tensors and n not in tied_base]
+    only_base = [n for n in base.tensors if n not in finetuned.tensors and n not in untied]
     if only_ft and only_base:
         renamed = name_prefix(base.tensors, finetuned.tensors)
         if renamed is not None:
@@ -181,7 +192,7 @@ def plan_prune(base: Checkpoint, finetuned: Checkpoint, opts: PruneOptions) -> l
 
     items: list[Item] = []
     for name, f in finetuned.tensors.items():
-        b = base.tensors.get(name)
+        b = base.tensors.get(name) or tied_base.get(name)
         if b is None:
             items.append(Item(name, Action.COPY, None, f, _planned(name, f, opts)))
             continue
@@ -206,6 +217,26 @@ def plan_prune(base: Checkpoint, finetuned: Checkpoint, opts: PruneOptions) -> l
         b = base.tensors[name]
         items.append(Item(name, Action.BASE, b, None, _planned(name, b, opts)))
     return items
+
+
+# The output head a model may tie to its input embedding (``tie_word_embeddings``).
+HEAD = "lm_head.weight"
+_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")
+
+
+def tied_heads(base: Checkpoint, finetuned: Checkpoint) -> tuple[dict[str, TensorRef], set[str]]:
+    """Tied embeddings on one side only. A side that ties its output head to its input
+    embedding saves no ``lm_head.weight``: then base's head *is* its embedding. Returns the
+    base tensor to pair with finetuned's head when base ties it, and base's head (left out
+    of the output, which follows finetuned's config) when finetuned ties it."""
+    embedding = next((e for e in _EMBEDDINGS if e in base.tensors and e in finetuned.tensors), None)
+    if embedding is None:
+        return {}, set()
+    if HEAD in finetuned.tensors and HEAD not in base.tensors:
+        return {HEAD: base.tensors[embedding]}, set()
+    if HEAD in base.tensors and HEAD not in finetuned.tensors:
+        return {}, {HEAD}
+    return {}, set()
 
 
 def name_prefix(base: Collection[str], finetuned: Collection[str]) -> tuple[str, str] | None:

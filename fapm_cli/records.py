@@ -7,13 +7,13 @@ Score figures are ratios of additive sums (``Sums``), so roll-ups per layer, mod
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from fractions import Fraction
 from typing import Any, TypeVar
 
+from fapm_cli.names import MODULES
 from fapm_cli.plan import Action, Format, PruneOptions, Repr, Save
 
 K = TypeVar("K")
@@ -156,46 +156,6 @@ class MergeReport:
 
 
 # -- score: names -> layer and module type, and the figures ---------------------------------
-
-MODULES = ("embeddings", "q", "k", "v", "qkv", "o", "mlp", "norms", "lm_head", "other")
-
-
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
-
-
-# Checked in this order: a norm inside an attention block is a norm, "o_proj" is not "q".
-_MODULE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("norms", re.compile(r"norm|(?:^|\.)ln_?\w*\.")),
-    ("embeddings", re.compile(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.")),
-    ("lm_head", re.compile(r"lm_head|(?:^|\.)output\.weight$")),
-    ("qkv", re.compile(r"qkv|query_key_value|c_attn|(?:^|\.)w_pack\.")),
-    ("q", re.compile(r"(?:^|\.)(?:q_proj|q|query|wq)\.")),
-    ("k", re.compile(r"(?:^|\.)(?:k_proj|k|key|wk)\.")),
-    ("v", re.compile(r"(?:^|\.)(?:v_proj|v|value|wv)\.")),
-    (
-        "o",
-        re.compile(
-            r"^(?!.*(?:mlp|feed_forward|ffn))"  # GPT-2's mlp.c_proj is an MLP weight
-            r".*(?:(?:^|\.)(?:o_proj|out_proj|o|wo|c_proj)\.|(?:attn|attention)\.dense\.)"
-        ),
-    ),
-    ("mlp", re.compile(r"mlp|feed_forward|ffn|experts|gate_proj|up_proj|down_proj|fc\d|w[123]\.")),
-)
-
-
-def layer_of(name: str) -> int | None:
-    """The block index in ``...layers.N...`` (also ``h.N``, ``blocks.N``, ``layer.N``)."""
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
-
-
-def module_of(name: str) -> str:
-    """One of ``MODULES``, from the tensor name (Llama, Mistral, Qwen, GPT-2, NeoX spellings)."""
-    low = name.lower()
-    for module, pattern in _MODULE_RULES:
-        if pattern.search(low):
-            return module
-    return "other"
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,7 @@ def test_prune_adapter_is_prune_of_merged(made: Made, tmp_path: Path, scenario: 
     assert got == exp
     assert got != shards(tmp_path / "s0")  # and pruning did prune
     meta = load_meta(tmp_path / "a")
-    assert meta["fapm.finetuned"] == str(adapter)
+    assert meta["fapm.finetuned"] == adapter.name  # outputs record names, never local paths
     assert meta["fapm.finetuned_adapter"] == "lora"
     assert "fapm.finetuned_adapter" not in load_meta(tmp_path / "m")
     # An adapter has no model config: base's is copied.
@@ -210,7 +210,7 @@ def test_score_adapter_is_score_of_merged(made: Made, tmp_path: Path) -> None:
         r = runner.invoke(app, ["score", "-b", str(base), "-f", str(ft), "--json"])
         assert r.exit_code == 0, r.output
         report = json.loads(r.output)
-        assert report.pop("finetuned") == str(ft)
+        assert report.pop("finetuned") == ft.name
         report.pop("seconds")
         reports.append(report)
     assert reports[0] == reports[1]
@@ -289,12 +289,12 @@ def test_base_named_by_the_adapter(made: Made, tmp_path: Path) -> None:
     fapm("prune", "-f", str(named), "-s", "0.5", "-o", str(tmp_path / "a"))
     fapm("prune", "-b", str(base), "-f", str(merged), "-s", "0.5", "-o", str(tmp_path / "m"))
     assert shards(tmp_path / "a") == shards(tmp_path / "m")
-    assert load_meta(tmp_path / "a")["fapm.base"] == str(base)
+    assert load_meta(tmp_path / "a")["fapm.base"] == base.name
     fapm("merge", "-f", str(named), "-s", "0.5", "-o", str(tmp_path / "mg"))
     assert_same_bits(load_checkpoint(tmp_path / "mg"), load_checkpoint(tmp_path / "m"))
     r = runner.invoke(app, ["score", "-f", str(named), "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["base"] == str(base)
+    assert json.loads(r.output)["base"] == base.name
     # Neither --base nor a base in the adapter's config (nor an adapter at all): a usage error.
     out = fapm("prune", "-f", str(adapter), "-o", str(tmp_path / "o"), code=2)
     assert "base_model_name_or_path" in out
@@ -380,9 +380,10 @@ def test_files_copied_for_an_adapter(made: Made, tmp_path: Path) -> None:
     (own / "README.md").write_text("adapter card")
     (own / "trainer_state.json").write_text("{}")
     fapm("prune", "-b", str(base), "-f", str(own), "-o", str(tmp_path / "a"))
-    base_files = files(base)
+    base_files = files(base) | {"README.md"}  # fapm's own card, not the adapter's
     assert files(tmp_path / "a") == base_files | {"tokenizer_config.json"}
     assert (tmp_path / "a" / "tokenizer_config.json").read_text() == '{"from": "adapter"}'
+    assert "adapter card" not in (tmp_path / "a" / "README.md").read_text()
     fapm(
         "prune", "-b", str(base), "-f", str(own), "-o", str(tmp_path / "b"), "--files-from", "base"
     )

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from fapm_cli.records import layer_of, module_of
+from fapm_cli.names import layer_of, module_of
 from tests.checkpoints import load_checkpoint, make_pair, tree_hash, write_checkpoint
 from tests.reference import reference_mask, reference_scores
 

@@ -82,7 +82,8 @@ def storage_plan(
     chosen: dict[str, DType | None],
     forced: DType | None,
 ) -> StoragePlan:
-    if item.action is Action.COPY:
+    if item.action is Action.COPY or item.resized:
+        # A resized tensor has no delta of base's shape: it is stored as the model's values.
         return StoragePlan(item, Repr.VALUES, item.out.dtype)
     if fmt is Format.COMPACT:
         layout = tv.compact_layout(

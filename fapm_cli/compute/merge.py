@@ -151,9 +151,13 @@ def merge_tensor(
             nonlocal changed, done
             chunk = chunk.reshape(-1)
             write(chunk.contiguous())
-            here = base.reshape(-1)[done : done + chunk.numel()] if base is not None else None
+            size = chunk.numel()
+            here = base.reshape(-1)[done : done + size] if base is not None else None
+            if here is not None and here.numel() < size:  # rows base lacks (added tokens)
+                changed += size - here.numel()
+                chunk = chunk[: here.numel()]
             changed += _changed(chunk, here, out)
-            done += chunk.numel()
+            done += size
 
         exact(keep)
         return changed

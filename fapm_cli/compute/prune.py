@@ -276,6 +276,19 @@ def process_item(
     ``inplace``: ``finetuned`` is a buffer of the caller's that the output may overwrite."""
     if item.action is Action.PRUNE:
         assert base is not None and finetuned is not None
+        if item.resized:  # added tokens: base's rows pruned as one tensor, the rest whole
+            n = base.numel()
+            f = finetuned.reshape(-1)
+            result = prune_tensor(
+                item, base, f[:n], opts, write, ws, on_mask=on_mask, inplace=inplace
+            )
+            out_dtype = getattr(torch, item.out.dtype.torch_name)
+            for c in range(n, f.numel(), CHUNK):
+                chunk = f[c : c + CHUNK].to(out_dtype)
+                if on_mask is not None:
+                    on_mask(c, c + chunk.numel(), torch.ones(chunk.numel(), dtype=torch.bool))
+                write(chunk)
+            return result
         return prune_tensor(
             item, base, finetuned, opts, write, ws, on_mask=on_mask, inplace=inplace
         )

@@ -13,9 +13,9 @@ from typing import Any
 
 from fapm_cli import __version__
 from fapm_cli.errors import OutputError, UsageError
+from fapm_cli.names import MODULES
 from fapm_cli.records import (
     FIGURES,
-    MODULES,
     ForgettingReport,
     PlotMetric,
     SortKey,

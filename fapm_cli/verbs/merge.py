@@ -28,7 +28,7 @@ from fapm_cli.compute.merge import (
     merge_tensor,
 )
 from fapm_cli.compute.scoring import Workspace, workspace
-from fapm_cli.errors import UsageError
+from fapm_cli.errors import MismatchError, UsageError
 from fapm_cli.io.adapter import Adapter, AdapterReader, refuse_as_task_vector
 from fapm_cli.io.header import DType, PlannedTensor
 from fapm_cli.io.output import Output
@@ -291,8 +291,26 @@ def _plan(base: Checkpoint, opened: Sequence[_Opened], dtype: DType | None) -> l
             assert ref is not None
             model, shape = ref.info.dtype, ref.info.shape
         else:
+            item = (first.items or {}).get(name)
+            if ref is None and item is not None:
+                ref = item.base  # base ties its head to its embedding (plan.tied_heads)
             model = first.model_dtype(name)
             shape = ref.info.shape if ref is not None else first.shape(name)
+            resized = [
+                k
+                for k in holders
+                if (it := (opened[k].items or {}).get(name)) is not None and it.resized
+            ]
+            if resized:
+                if len(holders) > 1 or first.spec.weight != 1.0:
+                    raise MismatchError(
+                        f"tensor {name!r}: {opened[resized[0]].spec.source} adds tokens "
+                        f"(shape {list(first.shape(name))} against base's {list(shape)}), "
+                        "which merge can only take from a single input of weight 1",
+                        hint="prune each fine-tune on its own, or merge fine-tunes that keep "
+                        "base's vocabulary",
+                    )
+                shape = first.shape(name)
         out_dtype = dtype if dtype is not None and model.is_float else model
         planned.append(_Planned(PlannedTensor(name, out_dtype, shape), ref, holders))
     return planned

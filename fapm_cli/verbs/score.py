@@ -16,6 +16,7 @@ from fapm_cli.compute.score import score_tensor
 from fapm_cli.compute.scoring import workspace
 from fapm_cli.io.header import DTYPES, PlannedTensor
 from fapm_cli.io.output import Output
+from fapm_cli.names import layer_of, module_of
 from fapm_cli.plan import (
     SCORES_KIND,
     Action,
@@ -26,7 +27,7 @@ from fapm_cli.plan import (
     plan_prune,
     provenance,
 )
-from fapm_cli.records import ForgettingReport, TensorScore, layer_of, module_of
+from fapm_cli.records import ForgettingReport, TensorScore
 from fapm_cli.verbs.inputs import Inputs
 from fapm_cli.verbs.prune import Pair
 
@@ -82,6 +83,8 @@ def score(
                     if job is not None:
                         job.writer.begin(item.name)
                         write = job.writer.write
+                    if item.resized:  # added tokens: the rows base has are scored
+                        f = f.reshape(-1)[: b.numel()]
                     sums = score_tensor(item.name, b, f, sparsity, lam, write, ws)
                     del b, f
                     results.append(
