@@ -99,3 +99,25 @@ def test_names_that_differ_by_a_prefix_are_named(tmp_path: Path, side: str) -> N
     assert f"error: tensor names differ by a prefix: {side}'s names are the other's with " in err
     assert "'transformer.' in front" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_inspect_tells_a_model_a_task_vector_and_an_adapter_apart(
+    tmp_path: Path, pair_dirs: tuple[Path, Path]
+) -> None:
+    import json
+
+    b, f = pair_dirs
+    tv = tmp_path / "tv"
+    assert run("diff", "-b", str(b), "-f", str(f), "-o", str(tv), "-q")[0] == 0
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2}')
+    lora = {"base_model.model.x.lora_A.weight": torch.zeros(2, 4)}
+    write_checkpoint(adapter, lora)
+    (adapter / "model.safetensors").rename(adapter / "adapter_model.safetensors")
+    kinds = {}
+    for name, path in (("model", f), ("tv", tv), ("adapter", adapter)):
+        code, out, err = run("inspect", str(path), "--json")
+        assert code == 0, err
+        kinds[name] = json.loads(out)["kind"]
+    assert kinds == {"model": "model", "tv": "task-vector", "adapter": "adapter"}

@@ -161,7 +161,8 @@ def _mutations() -> dict[str, tuple[str, bool]]:
     return {
         "same": ("", False),
         "only_in_finetuned": ("add model.extra", True),
-        "only_in_base": ("drop lm_head.weight", True),
+        "only_in_base": ("drop model.layers.1.odd", True),
+        "tied_finetuned": ("drop lm_head.weight: the fine-tune ties it", False),
         "shape": ("reshape model.layers.1.odd", True),
         "int_vs_float": ("int model.layers.1.one", True),
         "float_dtypes": ("bf16 model.norm.weight", False),
@@ -174,6 +175,8 @@ def _mutate(ft: dict[str, torch.Tensor], case: str) -> dict[str, torch.Tensor]:
     if case == "only_in_finetuned":
         ft["model.extra"] = torch.ones(3)
     elif case == "only_in_base":
+        del ft["model.layers.1.odd"]
+    elif case == "tied_finetuned":
         del ft["lm_head.weight"]
     elif case == "shape":
         ft["model.layers.1.odd"] = torch.ones(11)
@@ -217,12 +220,13 @@ def test_compare_gates_exactly_what_prune_refuses(tmp_path: Path, case: str) -> 
     if case == "only_in_finetuned":
         assert cmp["only_b"] == ["model.extra"] and cmp["only_a"] == []
     if case == "only_in_base":
-        assert cmp["only_a"] == ["lm_head.weight"] and cmp["only_b"] == []
+        assert cmp["only_a"] == ["model.layers.1.odd"] and cmp["only_b"] == []
     diffs = {(d["name"], d["kind"], d["a"], d["b"], d["incompatible"]) for d in cmp["differences"]}
     expected = {
         "same": set(),
         "only_in_finetuned": set(),
         "only_in_base": set(),
+        "tied_finetuned": set(),
         "shape": {("model.layers.1.odd", "shape", "[10]", "[11]", True)},
         "int_vs_float": {("model.layers.1.one", "dtype-kind", "F32", "I32", True)},
         "float_dtypes": {("model.norm.weight", "dtype", "F32", "BF16", False)},

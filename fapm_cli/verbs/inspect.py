@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from fapm_cli.errors import InputError, UsageError
+from fapm_cli.io.adapter import ADAPTER_CONFIG
 from fapm_cli.io.reader import Checkpoint
 from fapm_cli.pairing import Difference, differences
 from fapm_cli.plan import (
@@ -28,8 +29,10 @@ from fapm_cli.plan import (
     MODEL_KIND,
     PROVENANCE_PREFIX,
     TASK_VECTOR_KIND,
+    tied_heads,
 )
 
+ADAPTER_KIND = "adapter"  # a PEFT adapter (no fapm metadata): fapm prune takes it as --finetuned
 _READ_BLOCK = 8 << 20  # verify reads shards in blocks of this size: memory stays flat
 
 
@@ -110,6 +113,8 @@ def inspect(checkpoint: Checkpoint, tensors: bool = False, match: str | None = N
             warnings.append(f"shard {shard} carries different fapm.* metadata than the first shard")
             break
     kind = meta.get(KIND_KEY, MODEL_KIND)
+    if KIND_KEY not in meta and ADAPTER_CONFIG in checkpoint.extra_files:
+        kind = ADAPTER_KIND  # a PEFT adapter: fapm prune takes it as --finetuned
     fmt = meta.get(FORMAT_KEY, "dense") if kind == TASK_VECTOR_KIND else meta.get(FORMAT_KEY)
     rows = None
     if tensors or match is not None:
@@ -234,12 +239,14 @@ class Comparison:
 
 
 def compare(a: Checkpoint, b: Checkpoint) -> Comparison:
-    """Pair ``a`` and ``b`` by tensor name, by the rules ``prune`` applies (``pairing``)."""
+    """Pair ``a`` (base) and ``b`` (finetuned) by tensor name, by the rules ``prune`` applies
+    (``pairing``, and ``plan.tied_heads`` for a head tied on one side only)."""
+    tied_a, untied = tied_heads(a, b)
     diffs: list[Difference] = []
     common = 0
-    for name, ra in a.tensors.items():
-        rb = b.tensors.get(name)
-        if rb is not None:
+    for name, rb in b.tensors.items():
+        ra = a.tensors.get(name) or tied_a.get(name)
+        if ra is not None:
             common += 1
             diffs.extend(differences(name, ra.info, rb.info))
     return Comparison(
@@ -248,8 +255,8 @@ def compare(a: Checkpoint, b: Checkpoint) -> Comparison:
         a_kind=a.metadata.get(KIND_KEY, MODEL_KIND),
         b_kind=b.metadata.get(KIND_KEY, MODEL_KIND),
         common=common,
-        only_a=[n for n in a.tensors if n not in b.tensors],
-        only_b=[n for n in b.tensors if n not in a.tensors],
+        only_a=[n for n in a.tensors if n not in b.tensors and n not in untied],
+        only_b=[n for n in b.tensors if n not in a.tensors and n not in tied_a],
         differences=diffs,
     )
 
