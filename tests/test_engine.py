@@ -131,10 +131,10 @@ def test_inputs_unchanged_and_files_copied(tmp_path: Path, pair_dirs: tuple[Path
 
 def test_mismatch_refused_before_output(tmp_path: Path) -> None:
     base, ft = make_pair()
-    ft["lm_head.weight"] = torch.zeros(38, 16)
+    ft["model.layers.1.odd"] = torch.zeros(11)  # (lm_head would be a resized vocabulary)
     b = write_checkpoint(tmp_path / "b", base)
     f = write_checkpoint(tmp_path / "f", ft)
-    with pytest.raises(MismatchError, match=r"lm_head.weight.*\[37, 16\].*\[38, 16\]"):
+    with pytest.raises(MismatchError, match=r"model.layers.1.odd.*\[10\].*\[11\]"):
         run(b, f, tmp_path / "o")
     assert not (tmp_path / "o").exists()
 

@@ -695,8 +695,8 @@ def test_files_from_chooses_the_non_weight_files(tmp_path: Path) -> None:
         (d / "sub").mkdir()
         (d / "sub" / "notes.txt").write_text("x")
     want = ref_prune(base, ft, Fraction(9, 10))
-    copied = {
-        "finetuned": {"config.json", "tokenizer.json", "tokenizer_config.json", "README.md"},
+    copied = {  # README.md: fapm's own model card, whatever the choice (never the fine-tune's)
+        "finetuned": {"config.json", "tokenizer.json", "tokenizer_config.json"},
         "base": {"config.json", "tokenizer.json", "generation_config.json"},
         "none": set(),
     }
@@ -706,10 +706,11 @@ def test_files_from_chooses_the_non_weight_files(tmp_path: Path) -> None:
         weights = {p.name for p in out.glob("*.safetensors")}
         assert weights and all(n.startswith("model") for n in weights)
         listed = {p.relative_to(out).as_posix() for p in out.rglob("*")}
-        assert listed == weights | {"model.safetensors.index.json"} | names, choice
+        assert listed == weights | {"model.safetensors.index.json", "README.md"} | names, choice
         source = f if choice == "finetuned" else b
         for name in names:
             assert (out / name).read_bytes() == (source / name).read_bytes(), (choice, name)
+        assert (out / "README.md").read_text().startswith("---\nlibrary_name:"), choice
         assert_checkpoint(load_checkpoint(out), want)  # the weights do not depend on it
 
 
