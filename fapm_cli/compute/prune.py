@@ -21,7 +21,7 @@ from fapm_cli.records import TensorResult
 
 
 def check_finite(chunk: torch.Tensor, name: str, side: str) -> None:
-    if not bool(torch.isfinite(chunk).all()):
+    if not bool(torch.isfinite(scoring.widened(chunk)).all()):
         raise InputError(
             f"tensor {name!r} in {side} contains NaN or Inf",
             hint="the checkpoint is damaged or diverged in training; fapm cannot score it",
@@ -143,7 +143,7 @@ def prune_tensor(
             # The output is finetuned's bytes where kept and base's elsewhere, so out - base
             # is tau where kept and exactly 0 elsewhere: no mask arithmetic for the statistic.
             out = _bits(torch.where(mask, _bits(fc), _bits(bc))).view(out_dtype)
-            kept_tau = torch.sub(out, bc.to(cdt))
+            kept_tau = torch.sub(scoring.widened(out), bc.to(cdt))
             sq_kept += float(torch.sum(kept_tau.mul_(kept_tau), dtype=torch.float64))
         else:
             tau = fc.to(cdt) - bc.to(cdt)

@@ -49,6 +49,17 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+# torch refuses arithmetic that mixes float8 with another dtype ("Promotion for Float8 Types
+# is not supported") and implements few float8 kernels at all: float8 inputs are widened
+# explicitly (and exactly) to float32 wherever they meet arithmetic.
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a float8 tensor its exact float32 copy."""
+    return t.to(torch.float32) if t.dtype in FLOAT8 else t
+
+
 def mean_abs(base: torch.Tensor, dtype: torch.dtype, workers: int = 1) -> float:
     """``m = mean(|W_pre|)``: summed per chunk in float64, rounded once to the compute dtype
     (the same value for any number of ``workers``)."""
@@ -131,6 +142,7 @@ def score_chunk(
     ratio:     S = -(|tau| / |base|)
     Where base == 0 the relative term is undefined: fapm and ratio score -inf (selected last).
     """
+    base, finetuned = widened(base), widened(finetuned)
     a = (finetuned - base).abs_()  # |tau|
     if method is Method.MAGNITUDE:
         return a
@@ -315,7 +327,8 @@ def score_keys_into(
     a, bb, zero, tmp = scratch.a[:n], scratch.b[:n], scratch.zero[:n], scratch.k[:n]
     s = out.view(cdt)
     bb.copy_(base)  # exact widening to the compute dtype
-    torch.sub(finetuned, bb, out=a)  # tau; finetuned is widened exactly inside the op
+    # tau; finetuned is widened exactly inside the op (float8 explicitly: torch refuses it)
+    torch.sub(widened(finetuned), bb, out=a)
     a.abs_()  # |tau|
     sq = float(torch.sum(torch.mul(a, a, out=s), dtype=torch.float64))  # s: free until below
     if method is Method.MAGNITUDE:
