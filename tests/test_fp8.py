@@ -110,4 +110,4 @@ def test_plain_fp8_score(tmp_path: Path, dtype: torch.dtype) -> None:
     assert row["dtype"] == {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}[dtype]
     assert row["mean_abs_tau"] == pytest.approx(float((fw - bw).abs().mean()), rel=1e-6)
     assert row["mean_abs_base"] == pytest.approx(float(bw.abs().mean()), rel=1e-6)
-    assert row["base_zero"] == 5
+    assert row["base_zero"] == int((bw == 0).sum()) >= 5
