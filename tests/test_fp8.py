@@ -111,3 +111,134 @@ def test_plain_fp8_score(tmp_path: Path, dtype: torch.dtype) -> None:
     assert row["mean_abs_tau"] == pytest.approx(float((fw - bw).abs().mean()), rel=1e-6)
     assert row["mean_abs_base"] == pytest.approx(float(bw.abs().mean()), rel=1e-6)
     assert row["base_zero"] == int((bw == 0).sum()) >= 5
+
+
+# -- block-quantized FP8 (DeepSeek-V3 / Qwen3-FP8 layout) ----------------------------------------
+
+BLOCK = [4, 4]
+FP8_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "torch_dtype": "bfloat16",
+    "quantization_config": {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": BLOCK,
+    },
+}
+BF16_CONFIG = {"architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16"}
+SHAPES = {"proj.weight": (10, 7), "up.weight": (8, 8)}  # partial edge blocks in proj
+
+
+def ref_dequant(q: torch.Tensor, scale: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
+    """Block by block, the slow obvious way."""
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            blk = q[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn].to(torch.float32)
+            out[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn] = blk * float(scale[i, j])
+    return out
+
+
+def fp8_model(seed: int) -> dict[str, torch.Tensor]:
+    """Quantized weights with their per-block scales, plus an unquantized norm."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, (r, c) in SHAPES.items():
+        out[name] = (torch.randn(r, c, generator=g) * 100).to(torch.float8_e4m3fn)
+        blocks = (-(-r // BLOCK[0]), -(-c // BLOCK[1]))
+        out[name + "_scale_inv"] = torch.rand(blocks, generator=g) * 1e-3 + 1e-4
+    out["norm.weight"] = torch.randn(5, generator=g).to(torch.bfloat16)
+    return out
+
+
+def dequantized(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        name: ref_dequant(t, model[name + "_scale_inv"], *BLOCK).to(torch.bfloat16)
+        if name + "_scale_inv" in model else t
+        for name, t in model.items() if not name.endswith("_scale_inv")
+    }  # fmt: skip
+
+
+def bf16_near(model: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: (t.float() + torch.randn(t.shape, generator=g) * 0.01).to(torch.bfloat16)
+            for n, t in dequantized(model).items()}  # fmt: skip
+
+
+def expect_prune(b: dict[str, torch.Tensor], f: dict[str, torch.Tensor], s: Fraction) -> dict:
+    out = {}
+    for name, bt in b.items():
+        mask = reference_mask(bt.float(), f[name].float(), s, "fapm").reshape(-1)
+        out[name] = torch.where(mask, f[name].reshape(-1).view(torch.int16),
+                                bt.reshape(-1).view(torch.int16))  # fmt: skip
+    return out
+
+
+def check_output(out: Path, want: dict[str, torch.Tensor]) -> None:
+    got = load_checkpoint(out)
+    assert not [n for n in got if n.endswith("_scale_inv")]
+    assert set(got) == set(want)
+    for name, t in got.items():
+        assert t.dtype == torch.bfloat16, name
+        assert torch.equal(t.reshape(-1).view(torch.int16), want[name]), name
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_block_fp8_base_against_bf16_finetune(tmp_path: Path) -> None:
+    q = fp8_model(1)
+    ft = bf16_near(q, 2)
+    base = write_checkpoint(tmp_path / "base", q, config=FP8_CONFIG)
+    fine = write_checkpoint(tmp_path / "ft", ft, config=BF16_CONFIG)
+    for files_from in ("finetuned", "base"):
+        out = tmp_path / f"out-{files_from}"
+        fapm("prune", "--base", str(base), "--finetuned", str(fine), "-o", str(out),
+             "-s", "0.5", "--files-from", files_from)  # fmt: skip
+        check_output(out, expect_prune(dequantized(q), ft, Fraction(1, 2)))
+    # s = 1 gives base back: the dequantized base, bit for bit
+    fapm("prune", "--base", str(base), "--finetuned", str(fine), "-o", str(tmp_path / "s1"),
+         "-s", "1")  # fmt: skip
+    deq = dequantized(q)
+    check_output(tmp_path / "s1", {n: t.reshape(-1).view(torch.int16) for n, t in deq.items()})
+
+
+def test_block_fp8_finetune_against_bf16_base(tmp_path: Path) -> None:
+    q = fp8_model(3)
+    b = bf16_near(q, 4)
+    base = write_checkpoint(tmp_path / "base", b, config=BF16_CONFIG)
+    fine = write_checkpoint(tmp_path / "ft", q, config=FP8_CONFIG)
+    fapm("prune", "--base", str(base), "--finetuned", str(fine), "-o", str(tmp_path / "out"),
+         "-s", "0.5")  # fmt: skip
+    check_output(tmp_path / "out", expect_prune(b, dequantized(q), Fraction(1, 2)))
+    # diff then prune -t: the same model
+    fapm("diff", "--base", str(base), "--finetuned", str(fine), "-o", str(tmp_path / "tv"))
+    fapm("prune", "--base", str(base), "-t", str(tmp_path / "tv"), "-o", str(tmp_path / "p"),
+         "-s", "0.5")  # fmt: skip
+    got = load_checkpoint(tmp_path / "p")
+    want = expect_prune(b, dequantized(q), Fraction(1, 2))
+    for name, t in got.items():
+        assert torch.equal(t.reshape(-1).view(torch.int16), want[name]), name
+    doc = json.loads(fapm("score", "--base", str(base), "--finetuned", str(fine), "--json"))
+    assert {t["name"] for t in doc["tensors"]} == {"proj.weight", "up.weight", "norm.weight"}
+
+
+def test_both_block_fp8_meet_in_bfloat16(tmp_path: Path) -> None:
+    qb, qf = fp8_model(5), fp8_model(6)
+    base = write_checkpoint(tmp_path / "base", qb, config=FP8_CONFIG)
+    fine = write_checkpoint(tmp_path / "ft", qf, config=FP8_CONFIG)
+    fapm("prune", "--base", str(base), "--finetuned", str(fine), "-o", str(tmp_path / "out"),
+         "-s", "0.5")  # fmt: skip
+    check_output(tmp_path / "out", expect_prune(dequantized(qb), dequantized(qf), Fraction(1, 2)))
+
+
+def test_block_fp8_scale_shape_mismatch_refused(tmp_path: Path) -> None:
+    q = fp8_model(1)
+    q["proj.weight_scale_inv"] = torch.ones(2, 2)  # needs 3 x 2 for 10 x 7 in 4 x 4 blocks
+    base = write_checkpoint(tmp_path / "base", q, config=FP8_CONFIG)
+    fine = write_checkpoint(tmp_path / "ft", bf16_near(fp8_model(1), 2), config=BF16_CONFIG)
+    out = fapm("prune", "--base", str(base), "--finetuned", str(fine), "-o",
+               str(tmp_path / "out"), code=3)  # fmt: skip
+    assert "proj.weight_scale_inv" in out and "[3, 2]" in out
+    assert not (tmp_path / "out").exists()

@@ -68,7 +68,7 @@ def diff(
             sources={"base": base.source.provenance(), **side.sources()},
         )
         with workspace("cpu", threads) as ws:
-            pair = Pair(base, finetuned, side.rebuild)
+            pair = Pair(base, finetuned, side.rebuild, inputs.base_rebuild())
             written = write_task_vector(
                 pair, items, None, Format.DENSE, dtype, metadata, out, ws, progress
             )

@@ -22,6 +22,7 @@ from fapm_cli.io.adapter import (
     refuse_as_task_vector,
 )
 from fapm_cli.io.header import DType
+from fapm_cli.io.quantized import BlockFP8, DequantReader, refuse_quantized
 from fapm_cli.io.reader import Checkpoint, TensorReader, open_checkpoint
 from fapm_cli.io.sources import resolve_source
 
@@ -43,18 +44,44 @@ class Inputs:
             self.budget = DiskBudget(disk_budget)
         self.show_progress = show_progress
         self.opened: dict[str, Checkpoint] = {}  # side label -> checkpoint
+        # side label -> its block-FP8 decoding (``io.quantized``), dequantized on read
+        self.quantized: dict[str, BlockFP8] = {}
+        self._base_view: Checkpoint | None = None
 
     def open(self, side: str, text: str) -> Checkpoint:
+        """The checkpoint as stored; a quantized one other than block FP8 is refused here."""
         source = resolve_source(text, budget=self.budget, show_progress=self.show_progress)
         checkpoint = open_checkpoint(source)
         self.opened[side] = checkpoint
+        q = refuse_quantized(checkpoint)
+        if q is not None:
+            self.quantized[side] = q
         return checkpoint
 
     def open_base(self, base: str | None, finetuned: str | None) -> Checkpoint:
-        """``base`` opened; when it is None, the base a LoRA adapter ``finetuned`` names."""
+        """``base`` opened; when it is None, the base a LoRA adapter ``finetuned`` names. A
+        block-FP8 base is the view of its dequantized weights (``base_rebuild`` reads them),
+        in bfloat16 until ``open_finetuned`` sets the fine-tune's dtypes."""
         if base is None:
             base = self._adapter_base(finetuned)
-        return self.open("base", base)
+        checkpoint = self.open("base", base)
+        q = self.quantized.get("base")
+        if q is None:
+            return checkpoint
+        q.retarget(lambda name: None)
+        self._base_view = q.view()
+        return self._base_view
+
+    @property
+    def dequantized(self) -> bool:
+        """Whether a side was block-FP8 (the output's config then loses its
+        ``quantization_config``)."""
+        return bool(self.quantized)
+
+    def base_rebuild(self) -> Callable[[], Rebuilder] | None:
+        """How a block-FP8 base's tensors are read (None: base is read directly)."""
+        q = self.quantized.get("base")
+        return None if q is None else (lambda: DequantReader(q))
 
     def _adapter_base(self, finetuned: str | None) -> str:
         if finetuned is not None:
@@ -98,6 +125,17 @@ class Inputs:
             )
         assert finetuned is not None
         checkpoint = self.open(side, finetuned)
+        bq = self.quantized.get("base")
+        if bq is not None and base is self._base_view:
+            # base dequantizes to the fine-tune's dtype of each tensor (PEFT adapters merge
+            # in base's: bfloat16 then).
+            bq.retarget(lambda name: _dtype(checkpoint, name))
+            base.tensors.clear()
+            base.tensors.update(bq.view().tensors)
+        q = self.quantized.get(side)
+        if q is not None:
+            q.retarget(lambda name: _dtype(base, name))
+            return FineTune(checkpoint, q.view(), lambda: DequantReader(q))
         if is_adapter(checkpoint.source):
             from fapm_cli.io.adapter import AdapterReader, open_adapter
 
@@ -152,6 +190,11 @@ class Inputs:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _dtype(checkpoint: Checkpoint, name: str) -> DType | None:
+    ref = checkpoint.tensors.get(name)
+    return ref.info.dtype if ref is not None else None
 
 
 class Rebuilder(Protocol):
@@ -216,30 +259,35 @@ Generated = Callable[[list[dict[str, Any]]], list[tuple[str, str]]]
 
 
 def published(
-    files: Files, dtype: DType | None, card: Callable[[list[dict[str, Any]]], str]
+    files: Files,
+    dtype: DType | None,
+    card: Callable[[list[dict[str, Any]]], str],
+    dequantized: bool = False,
 ) -> tuple[Files, Generated]:
     """What a model output gets beside its shards: the copied files less the fine-tune's card
     (``README.md`` describes another model: fapm writes its own), and with ``--dtype`` a
     ``config.json`` that names the dtype the weights now have (``from_pretrained(dtype="auto")``
-    reads it)."""
+    reads it). ``dequantized``: a side was block-FP8, whose ``quantization_config`` the
+    output's config must not keep (its weights are not quantized)."""
     from fapm_cli.report.card import CARD_NAME
 
     config = next((get for name, get in files if name == "config.json"), None)
-    rewrite = dtype is not None and config is not None
+    rewrite = (dtype is not None or dequantized) and config is not None
     copied = [(n, g) for n, g in files if n != CARD_NAME and not (rewrite and n == "config.json")]
 
     def generated(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         out = [(CARD_NAME, card(records))]
         if rewrite:
-            assert config is not None and dtype is not None
+            assert config is not None
             out.append(("config.json", config_with_dtype(config(), dtype)))
         return out
 
     return copied, generated
 
 
-def config_with_dtype(path: str, dtype: DType) -> str:
-    """``config.json`` at ``path`` with its dtype set to ``dtype`` (as transformers writes it)."""
+def config_with_dtype(path: str, dtype: DType | None) -> str:
+    """``config.json`` at ``path`` with its dtype set to ``dtype`` (as transformers writes it;
+    None: as it is), and without ``quantization_config`` (fapm writes unquantized weights)."""
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
@@ -250,7 +298,9 @@ def config_with_dtype(path: str, dtype: DType) -> str:
         ) from err
     if not isinstance(config, dict):
         raise InputError(f"{path}: config.json is not an object", hint="restore the config file")
-    config["torch_dtype"] = dtype.torch_name
-    if "dtype" in config:  # transformers 4.56+ writes this name
-        config["dtype"] = dtype.torch_name
+    config.pop("quantization_config", None)
+    if dtype is not None:
+        config["torch_dtype"] = dtype.torch_name
+        if "dtype" in config:  # transformers 4.56+ writes this name
+            config["dtype"] = dtype.torch_name
     return json.dumps(config, indent=2, sort_keys=True) + "\n"

@@ -28,7 +28,7 @@ from fapm_cli.compute.merge import (
     merge_tensor,
 )
 from fapm_cli.compute.scoring import Workspace, workspace
-from fapm_cli.errors import MismatchError, UsageError
+from fapm_cli.errors import InputError, MismatchError, UsageError
 from fapm_cli.io.adapter import Adapter, AdapterReader, refuse_as_task_vector
 from fapm_cli.io.header import DType, PlannedTensor
 from fapm_cli.io.output import Output
@@ -178,6 +178,13 @@ def merge(
                 o.files = ft.files(base)
                 o.stream = sum(1 for p in opened if p.taskvec is None)
             opened.append(o)
+        for q in sources.quantized.values():
+            raise InputError(
+                f"{q.checkpoint.display}: is block-quantized FP8, which fapm merge does not "
+                "dequantize yet",
+                hint="write a dequantized copy first (fapm prune --base X --finetuned X "
+                "--sparsity 0 -o X-bf16, X being that checkpoint) and merge with that",
+            )
         planned = _plan(base, opened, dtype)
         if sources.budget is not None:
             planned = order_for_disk(

@@ -110,7 +110,7 @@ def prune(
         out.check(inputs.local_paths())
         out = replace(out, identity=inputs.identity())
         base_prov = base.source.provenance()
-        pair = Pair(base, finetuned, side.rebuild)
+        pair = Pair(base, finetuned, side.rebuild, inputs.base_rebuild())
         with workspace(device, threads) as ws:
             if save is Save.MODEL:
                 metadata = provenance(MODEL_KIND, opts, sources={"base": base_prov, **sources})
@@ -128,7 +128,7 @@ def prune(
                 )  # fmt: skip
                 copied, generated = published(
                     files(base) if files else [], opts.dtype,
-                    _card(base_prov, side.kind, sources[side.kind], opts),
+                    _card(base_prov, side.kind, sources[side.kind], opts), inputs.dequantized,
                 )  # fmt: skip
                 results, shards = _write_model(
                     pair, items, opts, job, copied, generated, ws, progress, prefetch
@@ -234,10 +234,12 @@ class Pair:
     base: Checkpoint
     finetuned: Checkpoint  # a task vector's or adapter's ``finetuned_view`` with ``rebuild``
     rebuild: Callable[[], Rebuilder] | None = None  # a fresh rebuilder for each stream
+    # base's, where base is read through one (a block-FP8 base, dequantized on read)
+    base_rebuild: Callable[[], Rebuilder] | None = None
 
     @property
     def rebuilt(self) -> bool:
-        return self.rebuild is not None
+        return self.rebuild is not None or self.base_rebuild is not None
 
     def steps(
         self,
@@ -257,7 +259,16 @@ class Pair:
         after: Callable[[Callable[[], None]], None] | None,
         prefetch: bool,
     ) -> Any:
-        base_side = Side(TensorReader(self.base), [i.base for i in items])
+        base_reader: Rebuilder | None = None
+        if self.base_rebuild is None:
+            base_side = Side(TensorReader(self.base), [i.base for i in items])
+        else:
+            base_reader = self.base_rebuild()
+            base_side = Side(
+                base_reader.reader,
+                [None] * len(items),
+                [base_reader.shards(i.base.info.name) if i.base else [] for i in items],
+            )
         reader: Rebuilder | None = None
         if self.rebuild is None:
             ft_side = Side(TensorReader(self.finetuned), [i.finetuned for i in items])
@@ -266,7 +277,8 @@ class Pair:
             ft_side = Side(
                 reader.reader, [None] * len(items), [reader.shards(i.name) for i in items]
             )
-        plain = reader is None  # rebuilt tensors are not read into the loop's buffers
+        # rebuilt tensors are not read into the loop's buffers
+        plain = reader is None and base_reader is None
         steps = stream(
             [base_side, ft_side],
             held=[held_bytes(i) for i in items],
@@ -279,6 +291,8 @@ class Pair:
             for step in steps:
                 item = items[step.pos]
                 b, f = step.tensors
+                if base_reader is not None and item.base is not None:
+                    b = base_reader.model(item.base.info.name, None)
                 if reader is not None and item.finetuned is not None:
                     f = reader.model(item.name, b)
                 yield item, b, f, step.own and plain

@@ -75,7 +75,7 @@ def score(
         results: list[TensorScore] = []
         try:
             progress.start(sum(i.read_bytes for i in scored), "score")
-            pair = Pair(base, finetuned, side.rebuild)
+            pair = Pair(base, finetuned, side.rebuild, inputs.base_rebuild())
             with workspace(device, threads) as ws, pair.steps(scored, progress.advance) as steps:
                 for item, b, f, _ in steps:
                     assert b is not None and f is not None
