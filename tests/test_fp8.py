@@ -242,3 +242,72 @@ def test_block_fp8_scale_shape_mismatch_refused(tmp_path: Path) -> None:
                str(tmp_path / "out"), code=3)  # fmt: skip
     assert "proj.weight_scale_inv" in out and "[3, 2]" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_shows_quantization(tmp_path: Path) -> None:
+    ckpt = write_checkpoint(tmp_path / "q", fp8_model(1), config=FP8_CONFIG)
+    doc = json.loads(fapm("inspect", str(ckpt), "--json"))
+    assert doc["config"]["quantization"] == {"method": "fp8", "weight_block_size": [4, 4]}
+    table = runner.invoke(app, ["inspect", str(ckpt)], terminal_width=200)
+    assert table.exit_code == 0 and "fp8, 4x4 blocks" in table.output, table.output
+    plain = write_checkpoint(tmp_path / "p", dequantized(fp8_model(1)), config=BF16_CONFIG)
+    assert json.loads(fapm("inspect", str(plain), "--json"))["config"]["quantization"] is None
+
+
+# -- other quantizations: refused up front ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "method"),
+    [
+        ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq"),
+        ({"quant_method": "awq", "bits": 4, "version": "gemm"}, "awq"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes"),
+        ({"quant_method": "fp8", "activation_scheme": "static"}, "fp8"),  # per-tensor FP8
+    ],
+)
+@pytest.mark.parametrize("side", ["base", "finetuned"])
+def test_other_quantization_refused(
+    tmp_path: Path, config: dict[str, object], method: str, side: str
+) -> None:
+    base, ft = f8_pair(tmp_path, torch.float8_e4m3fn)
+    quantized = base if side == "base" else ft
+    (quantized / "config.json").write_text(json.dumps({"quantization_config": config}))
+    for verb in ("prune", "diff"):
+        out = fapm(verb, "--base", str(base), "--finetuned", str(ft), "-o",
+                   str(tmp_path / verb), code=3)  # fmt: skip
+        assert repr(method) in out and "unquantized checkpoint" in out
+        assert not (tmp_path / verb).exists()
+    out = fapm("score", "--base", str(base), "--finetuned", str(ft), code=3)
+    assert repr(method) in out
+
+
+@pytest.mark.parametrize("scale", ["weight_scale", "scales"])
+def test_int8_weight_with_scale_refused_without_config(tmp_path: Path, scale: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "proj.weight": torch.randint(-128, 127, (4, 6), generator=g, dtype=torch.int8),
+        f"proj.{scale}": torch.rand(4, 1, generator=g),
+    }
+    base = write_checkpoint(tmp_path / "base", tensors)
+    ft = write_checkpoint(tmp_path / "ft", tensors)
+    out = fapm("prune", "--base", str(base), "--finetuned", str(ft), "-o",
+               str(tmp_path / "out"), code=3)  # fmt: skip
+    assert "'proj.weight'" in out and f"proj.{scale}" in out and "quantized" in out
+
+
+def test_gptq_packed_tensors_refused_without_config(tmp_path: Path) -> None:
+    tensors = {"proj.qweight": torch.zeros(4, 4, dtype=torch.int32), "n.weight": torch.ones(3)}
+    base = write_checkpoint(tmp_path / "base", tensors)
+    out = fapm("prune", "--base", str(base), "--finetuned", str(base), "-o",
+               str(tmp_path / "out"), code=3)  # fmt: skip
+    assert "proj.qweight" in out
+
+
+def test_merge_refuses_block_fp8_for_now(tmp_path: Path) -> None:
+    q = fp8_model(1)
+    base = write_checkpoint(tmp_path / "base", q, config=FP8_CONFIG)
+    fine = write_checkpoint(tmp_path / "ft", bf16_near(q, 2), config=BF16_CONFIG)
+    out = fapm("merge", "--base", str(base), "--finetuned", str(fine), "-o",
+               str(tmp_path / "m"), code=3)  # fmt: skip
+    assert "block-quantized FP8" in out and not (tmp_path / "m").exists()

@@ -59,6 +59,9 @@ def print_inspection(r: Inspection) -> None:
             c.torch_dtype or "",
         ]
         rows.append(("config", ", ".join(p for p in parts if p)))
+        if c.quantization is not None:
+            block = f", {c.block_size[0]}x{c.block_size[1]} blocks" if c.block_size else ""
+            rows.append(("quantization", c.quantization + block))
     rows += [(k, v) for k, v in r.provenance.items()]
     out.print(pairs_table(rows))
 
@@ -162,6 +165,10 @@ def inspection_json(r: Inspection) -> dict[str, object]:
             "architecture": c.architecture, "model_type": c.model_type,
             "hidden_size": c.hidden_size, "layers": c.layers, "vocab_size": c.vocab_size,
             "torch_dtype": c.torch_dtype,
+            "quantization": None if c.quantization is None else {
+                "method": c.quantization,
+                "weight_block_size": list(c.block_size) if c.block_size else None,
+            },
         },
         "metadata": r.metadata,
         "provenance": r.provenance,

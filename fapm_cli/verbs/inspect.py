@@ -20,6 +20,7 @@ from enum import StrEnum
 
 from fapm_cli.errors import InputError, UsageError
 from fapm_cli.io.adapter import ADAPTER_CONFIG
+from fapm_cli.io.quantized import block_size, method_of
 from fapm_cli.io.reader import Checkpoint
 from fapm_cli.pairing import Difference, differences
 from fapm_cli.plan import (
@@ -60,6 +61,8 @@ class ConfigSummary:
     layers: int | None
     vocab_size: int | None
     torch_dtype: str | None
+    quantization: str | None = None  # quantization_config's quant_method
+    block_size: tuple[int, int] | None = None  # its weight_block_size (block FP8)
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,7 @@ def read_config(checkpoint: Checkpoint, warnings: list[str]) -> ConfigSummary | 
 
     dtype = obj.get("torch_dtype", obj.get("dtype"))
     model_type = obj.get("model_type")
+    quant = obj.get("quantization_config")
     return ConfigSummary(
         architecture=arch or None,
         model_type=model_type if isinstance(model_type, str) else None,
@@ -210,6 +214,8 @@ def read_config(checkpoint: Checkpoint, warnings: list[str]) -> ConfigSummary | 
         layers=pick("num_hidden_layers", "n_layer", "num_layers"),
         vocab_size=pick("vocab_size"),
         torch_dtype=dtype if isinstance(dtype, str) else None,
+        quantization=method_of(quant) if isinstance(quant, dict) else None,
+        block_size=block_size(quant) if isinstance(quant, dict) else None,
     )
 
 
