@@ -94,6 +94,7 @@ def test_summary_matches_an_independent_count_of_the_headers(tmp_path: Path) -> 
         "layers": 2,
         "vocab_size": 37,
         "torch_dtype": "float32",
+        "quantization": None,
     }
     assert doc["kind"] == "model" and doc["format"] is None and doc["written_by_fapm"] is False
     assert doc["tensors"] is None and doc["compare"] is None and doc["verify"] is None
