@@ -311,3 +311,18 @@ def test_merge_refuses_block_fp8_for_now(tmp_path: Path) -> None:
     out = fapm("merge", "--base", str(base), "--finetuned", str(fine), "-o",
                str(tmp_path / "m"), code=3)  # fmt: skip
     assert "block-quantized FP8" in out and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("float8_e4m3fn", torch.float8_e4m3fn),
+                                             ("fp8_e5m2", torch.float8_e5m2)])  # fmt: skip
+def test_dtype_names_float8(tmp_path: Path, name: str, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    b = {"w": torch.randn(6, 5, generator=g).to(torch.bfloat16)}
+    f = {"w": (b["w"].float() + torch.randn(6, 5, generator=g) * 0.1).to(torch.bfloat16)}
+    base, ft = write_checkpoint(tmp_path / "b", b), write_checkpoint(tmp_path / "f", f)
+    fapm("prune", "--base", str(base), "--finetuned", str(ft), "-o", str(tmp_path / "o"),
+         "-s", "0.5", "--dtype", name)  # fmt: skip
+    got = load_checkpoint(tmp_path / "o")["w"]
+    mask = reference_mask(b["w"], f["w"], Fraction(1, 2), "fapm")
+    want = torch.where(mask, f["w"], b["w"]).to(dtype)
+    assert got.dtype == dtype and torch.equal(bits(got), bits(want))

@@ -108,7 +108,8 @@ def merge(
         typer.Option(
             "--dtype",
             metavar="DTYPE",
-            help="Output dtype of float tensors: float32, bfloat16, float16, float64. "
+            help="Output dtype of float tensors: float32, bfloat16, float16, float64, "
+            "float8_e4m3fn, float8_e5m2. "
             "[default: the first input's model dtype]",
             show_default=False,
         ),

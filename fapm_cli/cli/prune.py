@@ -149,7 +149,8 @@ def prune(
         typer.Option(
             "--dtype",
             metavar="DTYPE",
-            help="Output dtype of float tensors: float32, bfloat16, float16, float64. "
+            help="Output dtype of float tensors: float32, bfloat16, float16, float64, "
+            "float8_e4m3fn, float8_e5m2. "
             "[default: finetuned's]",
             show_default=False,
         ),

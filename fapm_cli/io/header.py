@@ -66,13 +66,15 @@ DTYPE_ALIASES: dict[str, str] = {
     "float32": "F32", "fp32": "F32", "float": "F32",
     "float16": "F16", "fp16": "F16", "half": "F16",
     "bfloat16": "BF16", "bf16": "BF16",
+    "float8_e4m3fn": "F8_E4M3", "fp8_e4m3": "F8_E4M3", "e4m3": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2", "fp8_e5m2": "F8_E5M2", "e5m2": "F8_E5M2",
 }  # fmt: skip
 
 
 def parse_dtype(text: str) -> DType:
     key = DTYPE_ALIASES.get(text.lower(), text.upper())
     if key not in DTYPES or not DTYPES[key].is_float:
-        choices = "float32, float16, bfloat16, float64"
+        choices = "float32, float16, bfloat16, float64, float8_e4m3fn, float8_e5m2"
         raise ValueError(f"unknown output dtype {text!r} (choose one of {choices})")
     return DTYPES[key]
 
