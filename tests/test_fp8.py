@@ -326,3 +326,54 @@ def test_dtype_names_float8(tmp_path: Path, name: str, dtype: torch.dtype) -> No
     mask = reference_mask(b["w"], f["w"], Fraction(1, 2), "fapm")
     want = torch.where(mask, f["w"], b["w"]).to(dtype)
     assert got.dtype == dtype and torch.equal(bits(got), bits(want))
+
+
+def quantize_blocks(w: torch.Tensor, bm: int, bn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 release's weight: per block, scale = amax / 448 and q = fp8(w / scale)."""
+    rows, cols = w.shape
+    scale = torch.empty(-(-rows // bm), -(-cols // bn))
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            blk = w[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn].float()
+            s = float(blk.abs().max()) / 448 or 1.0
+            scale[i, j] = s
+            q[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn] = (blk / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def test_block_fp8_release_output_loads_with_transformers(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=50, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "ft")  # the fine-tune, in bfloat16
+    release: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if t.dim() == 2 and "proj" in name:
+            noisy = (t.float() + torch.randn(t.shape) * 0.01).to(torch.bfloat16)
+            release[name], release[name + "_scale_inv"] = quantize_blocks(noisy, 16, 16)
+        else:
+            release[name] = t.clone()
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [16, 16],
+                                  "activation_scheme": "dynamic", "fmt": "e4m3"}  # fmt: skip
+    write_checkpoint(tmp_path / "base", release, config=cfg)
+    fapm("prune", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "ft"),
+         "-o", str(tmp_path / "out"), "-s", "0.5")  # fmt: skip
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", torch_dtype=torch.bfloat16
+    )
+    written = load_checkpoint(tmp_path / "out")
+    assert not [n for n in written if n.endswith("_scale_inv")]
+    state = loaded.state_dict()
+    for name, t in written.items():
+        assert torch.equal(state[name], t), name
+    name = "model.layers.0.self_attn.q_proj.weight"
+    deq = ref_dequant(release[name], release[name + "_scale_inv"], 16, 16).to(torch.bfloat16)
+    ft_w = model.state_dict()[name]
+    mask = reference_mask(deq, ft_w, Fraction(1, 2), "fapm")
+    assert torch.equal(written[name], torch.where(mask, ft_w, deq))
