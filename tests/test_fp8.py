@@ -377,3 +377,23 @@ def test_block_fp8_release_output_loads_with_transformers(tmp_path: Path) -> Non
     ft_w = model.state_dict()[name]
     mask = reference_mask(deq, ft_w, Fraction(1, 2), "fapm")
     assert torch.equal(written[name], torch.where(mask, ft_w, deq))
+
+
+def test_block_fp8_base_dequantizes_to_the_finetunes_dtype(tmp_path: Path) -> None:
+    """float16 fine-tune: base dequantized to float16 (not bfloat16), also through diff + -t."""
+    q = fp8_model(8)
+    ft = {n: t.to(torch.float16) if n in SHAPES else t for n, t in bf16_near(q, 9).items()}
+    base = write_checkpoint(tmp_path / "base", q, config=FP8_CONFIG)
+    fine = write_checkpoint(tmp_path / "ft", ft, config=BF16_CONFIG)
+    deq = {
+        n: ref_dequant(t, q[n + "_scale_inv"], *BLOCK).to(torch.float16) if n in SHAPES else t
+        for n, t in q.items() if not n.endswith("_scale_inv")
+    }  # fmt: skip
+    fapm("diff", "--base", str(base), "--finetuned", str(fine), "-o", str(tmp_path / "tv"))
+    for out, args in (("p", ["--finetuned", str(fine)]), ("t", ["-t", str(tmp_path / "tv")])):
+        fapm("prune", "--base", str(base), *args, "-o", str(tmp_path / out), "-s", "0.5")
+        got = load_checkpoint(tmp_path / out)
+        for name in SHAPES:
+            assert got[name].dtype == torch.float16, (out, name)
+            mask = reference_mask(deq[name], ft[name], Fraction(1, 2), "fapm")
+            assert torch.equal(got[name], torch.where(mask, ft[name], deq[name])), (out, name)

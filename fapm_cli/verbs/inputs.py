@@ -116,6 +116,10 @@ class Inputs:
             opened = self.open(side, task_vector)
             refuse_as_task_vector(opened)
             taskvec = open_task_vector(opened, base)
+            # a block-FP8 base dequantizes to the dtypes the task vector's model has
+            self._retarget_base(
+                base, lambda n: e.model_dtype if (e := taskvec.entries.get(n)) else None
+            )
             return FineTune(
                 taskvec.checkpoint,
                 taskvec.finetuned_view(),
@@ -125,13 +129,9 @@ class Inputs:
             )
         assert finetuned is not None
         checkpoint = self.open(side, finetuned)
-        bq = self.quantized.get("base")
-        if bq is not None and base is self._base_view:
-            # base dequantizes to the fine-tune's dtype of each tensor (PEFT adapters merge
-            # in base's: bfloat16 then).
-            bq.retarget(lambda name: _dtype(checkpoint, name))
-            base.tensors.clear()
-            base.tensors.update(bq.view().tensors)
+        # a block-FP8 base dequantizes to the fine-tune's dtype of each tensor (PEFT adapters
+        # merge in base's: bfloat16 then)
+        self._retarget_base(base, lambda name: _dtype(checkpoint, name))
         q = self.quantized.get(side)
         if q is not None:
             q.retarget(lambda name: _dtype(base, name))
@@ -151,6 +151,16 @@ class Inputs:
                 "adapter_model.safetensors) as --finetuned",
             )
         return FineTune(checkpoint, checkpoint)
+
+    def _retarget_base(self, base: Checkpoint, dtype_of: Callable[[str], DType | None]) -> None:
+        """A block-FP8 base's view, each weight in the dtype ``dtype_of`` gives (the other
+        side's), in place: the view is the object the caller already holds."""
+        q = self.quantized.get("base")
+        if q is None or base is not self._base_view:
+            return
+        q.retarget(dtype_of)
+        base.tensors.clear()
+        base.tensors.update(q.view().tensors)
 
     def local_paths(self) -> list[Path]:
         """Every local input, which the output must not overlap."""
