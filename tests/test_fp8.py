@@ -397,3 +397,20 @@ def test_block_fp8_base_dequantizes_to_the_finetunes_dtype(tmp_path: Path) -> No
             assert got[name].dtype == torch.float16, (out, name)
             mask = reference_mask(deq[name], ft[name], Fraction(1, 2), "fapm")
             assert torch.equal(got[name], torch.where(mask, ft[name], deq[name])), (out, name)
+
+
+def test_block_fp8_split_run_equals_single_run(tmp_path: Path) -> None:
+    q = fp8_model(10)
+    base = write_checkpoint(tmp_path / "base", q, config=FP8_CONFIG)
+    fine = write_checkpoint(tmp_path / "ft", bf16_near(q, 11), config=BF16_CONFIG)
+    common = ["prune", "--base", str(base), "--finetuned", str(fine), "-s", "0.5",
+              "--max-shard-size", "200", "--files-from", "base"]  # fmt: skip
+    fapm(*common, "-o", str(tmp_path / "one"))
+    for i in (1, 2):
+        fapm(*common, "-o", str(tmp_path / "split"), "--part", f"{i}/2")
+    fapm(*common, "-o", str(tmp_path / "split"), "--finalize")
+    one, split = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "split")
+    assert len(list((tmp_path / "one").glob("*.safetensors"))) > 1
+    assert set(one) == set(split) and all(torch.equal(one[n], split[n]) for n in one)
+    config = json.loads((tmp_path / "split" / "config.json").read_text())
+    assert "quantization_config" not in config
