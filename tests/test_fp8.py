@@ -414,3 +414,28 @@ def test_block_fp8_split_run_equals_single_run(tmp_path: Path) -> None:
     assert set(one) == set(split) and all(torch.equal(one[n], split[n]) for n in one)
     config = json.loads((tmp_path / "split" / "config.json").read_text())
     assert "quantization_config" not in config
+
+
+def test_lora_adapter_on_a_block_fp8_base(tmp_path: Path) -> None:
+    """The adapter merges into the dequantized base (bfloat16), as on any bfloat16 base."""
+    from safetensors.torch import save_file
+
+    q = fp8_model(12)
+    base = write_checkpoint(tmp_path / "base", q, config=FP8_CONFIG)
+    g = torch.Generator().manual_seed(13)
+    a, b = torch.randn(2, 7, generator=g), torch.randn(10, 2, generator=g)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({"base_model.model.proj.lora_A.weight": a, "base_model.model.proj.lora_B.weight": b},
+              str(adapter / "adapter_model.safetensors"))  # fmt: skip
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["proj"]}
+    ))  # fmt: skip
+    fapm("prune", "--base", str(base), "--finetuned", str(adapter), "-o", str(tmp_path / "o"),
+         "-s", "0")  # fmt: skip
+    got = load_checkpoint(tmp_path / "o")
+    deq = dequantized(q)
+    merged = (deq["proj.weight"].float() + (b @ a) * 2.0).to(torch.bfloat16)
+    assert torch.equal(got["proj.weight"], merged)
+    assert torch.equal(got["up.weight"], deq["up.weight"])
+    assert "quantization_config" not in json.loads((tmp_path / "o" / "config.json").read_text())
