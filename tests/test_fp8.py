@@ -304,13 +304,47 @@ def test_gptq_packed_tensors_refused_without_config(tmp_path: Path) -> None:
     assert "proj.qweight" in out
 
 
-def test_merge_refuses_block_fp8_for_now(tmp_path: Path) -> None:
+def test_merge_block_fp8_either_side_equals_prune(tmp_path: Path) -> None:
     q = fp8_model(1)
-    base = write_checkpoint(tmp_path / "base", q, config=FP8_CONFIG)
-    fine = write_checkpoint(tmp_path / "ft", bf16_near(q, 2), config=BF16_CONFIG)
-    out = fapm("merge", "--base", str(base), "--finetuned", str(fine), "-o",
-               str(tmp_path / "m"), code=3)  # fmt: skip
-    assert "block-quantized FP8" in out and not (tmp_path / "m").exists()
+    ft = bf16_near(q, 2)
+    fp8 = write_checkpoint(tmp_path / "fp8", q, config=FP8_CONFIG)
+    bf16 = write_checkpoint(tmp_path / "bf16", ft, config=BF16_CONFIG)
+    for name, (base, fine) in {"b": (fp8, bf16), "f": (bf16, fp8)}.items():
+        fapm("prune", "--base", str(base), "--finetuned", str(fine), "-s", "0.5",
+             "-o", str(tmp_path / f"p{name}"))  # fmt: skip
+        fapm("merge", "--base", str(base), "--finetuned", str(fine), "-s", "0.5",
+             "-o", str(tmp_path / f"m{name}"))  # fmt: skip
+        want, got = load_checkpoint(tmp_path / f"p{name}"), load_checkpoint(tmp_path / f"m{name}")
+        assert set(got) == set(want) == {"proj.weight", "up.weight", "norm.weight"}
+        for n, t in got.items():
+            assert t.dtype == torch.bfloat16 and torch.equal(t, want[n]), (name, n)
+        config = json.loads((tmp_path / f"m{name}" / "config.json").read_text())
+        assert "quantization_config" not in config
+
+
+def test_merge_two_inputs_one_block_fp8(tmp_path: Path) -> None:
+    """base + 0.5 tau_1 + 0.5 tau_2, each pruned, summed in float32 and rounded once."""
+    q = fp8_model(20)
+    b = bf16_near(q, 21)
+    other = bf16_near(q, 22)
+    base = write_checkpoint(tmp_path / "base", b, config=BF16_CONFIG)
+    f1 = write_checkpoint(tmp_path / "f1", q, config=FP8_CONFIG)
+    f2 = write_checkpoint(tmp_path / "f2", other, config=BF16_CONFIG)
+    fapm("merge", "--base", str(base), "--finetuned", str(f1), "--finetuned", str(f2),
+         "-w", "0.5", "-w", "0.5", "-s", "0.5", "-o", str(tmp_path / "m"))  # fmt: skip
+    got = load_checkpoint(tmp_path / "m")
+    deq = dequantized(q)
+    for name, bt in b.items():
+        acc = torch.zeros(bt.numel())
+        touched = torch.zeros(bt.numel(), dtype=torch.bool)
+        for f in (deq[name], other[name]):
+            mask = reference_mask(bt, f, Fraction(1, 2), "fapm").reshape(-1)
+            tau = (f.float() - bt.float()).reshape(-1)
+            acc += torch.where(mask, tau, 0.0) * 0.5
+            touched |= mask
+        want = torch.where(touched, (bt.reshape(-1).float() + acc).to(torch.bfloat16),
+                           bt.reshape(-1))  # fmt: skip
+        assert torch.equal(got[name].reshape(-1), want), name
 
 
 @pytest.mark.parametrize(("name", "dtype"), [("float8_e4m3fn", torch.float8_e4m3fn),

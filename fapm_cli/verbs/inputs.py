@@ -47,6 +47,7 @@ class Inputs:
         # side label -> its block-FP8 decoding (``io.quantized``), dequantized on read
         self.quantized: dict[str, BlockFP8] = {}
         self._base_view: Checkpoint | None = None
+        self._base_targeted = False
 
     def open(self, side: str, text: str) -> Checkpoint:
         """The checkpoint as stored; a quantized one other than block FP8 is refused here."""
@@ -117,7 +118,7 @@ class Inputs:
             refuse_as_task_vector(opened)
             taskvec = open_task_vector(opened, base)
             # a block-FP8 base dequantizes to the dtypes the task vector's model has
-            self._retarget_base(
+            self.retarget_base(
                 base, lambda n: e.model_dtype if (e := taskvec.entries.get(n)) else None
             )
             return FineTune(
@@ -131,7 +132,7 @@ class Inputs:
         checkpoint = self.open(side, finetuned)
         # a block-FP8 base dequantizes to the fine-tune's dtype of each tensor (PEFT adapters
         # merge in base's: bfloat16 then)
-        self._retarget_base(base, lambda name: _dtype(checkpoint, name))
+        self.retarget_base(base, lambda name: _dtype(checkpoint, name))
         q = self.quantized.get(side)
         if q is not None:
             q.retarget(lambda name: _dtype(base, name))
@@ -152,12 +153,14 @@ class Inputs:
             )
         return FineTune(checkpoint, checkpoint)
 
-    def _retarget_base(self, base: Checkpoint, dtype_of: Callable[[str], DType | None]) -> None:
+    def retarget_base(self, base: Checkpoint, dtype_of: Callable[[str], DType | None]) -> None:
         """A block-FP8 base's view, each weight in the dtype ``dtype_of`` gives (the other
-        side's), in place: the view is the object the caller already holds."""
+        side's), in place: the view is the object the caller already holds. Only the first
+        input opened decides (merge plans every later input against the same base)."""
         q = self.quantized.get("base")
-        if q is None or base is not self._base_view:
+        if q is None or base is not self._base_view or self._base_targeted:
             return
+        self._base_targeted = True
         q.retarget(dtype_of)
         base.tensors.clear()
         base.tensors.update(q.view().tensors)

@@ -10,6 +10,7 @@ bounded like ``prune``'s whatever the number of inputs; ``--part``/``--finalize`
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -28,11 +29,12 @@ from fapm_cli.compute.merge import (
     merge_tensor,
 )
 from fapm_cli.compute.scoring import Workspace, workspace
-from fapm_cli.errors import InputError, MismatchError, UsageError
+from fapm_cli.errors import MismatchError, UsageError
 from fapm_cli.io.adapter import Adapter, AdapterReader, refuse_as_task_vector
 from fapm_cli.io.header import DType, PlannedTensor
 from fapm_cli.io.output import Output
 from fapm_cli.io.parts import Part, options_doc
+from fapm_cli.io.quantized import BlockFP8, DequantReader
 from fapm_cli.io.reader import Checkpoint, Side, TensorReader, TensorRef, stream
 from fapm_cli.io.taskvector_io import (
     Entry,
@@ -57,7 +59,7 @@ from fapm_cli.plan import (
 )
 from fapm_cli.records import MergeInput, MergeReport, MergeTensor
 from fapm_cli.report.card import CardInput, model_card
-from fapm_cli.verbs.inputs import Inputs, extra_files, published
+from fapm_cli.verbs.inputs import Inputs, Rebuilder, extra_files, published
 
 
 @dataclass
@@ -74,6 +76,8 @@ class _Opened:
     reader: TensorReader | None = None
     adapter: Adapter | None = None  # a LoRA adapter as the fine-tune (``items`` from its view)
     ad_reader: AdapterReader | None = None
+    dequant: BlockFP8 | None = None  # a block-FP8 fine-tune, dequantized on read
+    dq_reader: DequantReader | None = None
     files: list[tuple[str, Callable[[], str]]] = field(default_factory=list)  # to copy
 
     def has(self, name: str) -> bool:
@@ -98,6 +102,11 @@ class _Opened:
         if self.adapter is not None:
             return self.adapter.refs(name) if self.items and name in self.items else []
         item = (self.items or {}).get(name)
+        if self.dequant is not None:  # the stored weight and its scale
+            c = self.dequant.checkpoint
+            stored = c.tensors.get(name) if item and item.finetuned else None
+            scale = self.dequant.scales.get(name)
+            return [r for r in (stored, scale) if r is not None]
         return [item.finetuned] if item and item.finetuned else []
 
     def open_reader(self) -> TensorReader:
@@ -107,6 +116,9 @@ class _Opened:
         if self.adapter is not None:
             self.ad_reader = AdapterReader(self.adapter)
             return self.ad_reader.reader
+        if self.dequant is not None:
+            self.dq_reader = DequantReader(self.dequant)
+            return self.dq_reader.reader
         self.reader = TensorReader(self.checkpoint)
         return self.reader
 
@@ -167,24 +179,19 @@ def merge(
                 refuse_as_task_vector(c)
                 o = _Opened(spec, side, c)
                 o.taskvec = open_task_vector(c, base)
+                sources.retarget_base(base, functools.partial(_model_dtype, o.taskvec))
                 warnings += o.taskvec.warnings
                 check_pairs(base, o.taskvec)
             else:  # a fine-tune, or a LoRA adapter standing for one
                 ft = sources.open_finetuned(base, spec.source, side=side)
                 o = _Opened(spec, side, ft.opened, adapter=ft.adapter)
+                o.dequant = sources.quantized.get(side)
                 items = plan_prune(base, ft.view, opts)
                 warnings += [f"{spec.source}: {w}" for w in plan_warnings(items, opts)]
                 o.items = {i.name: i for i in items}
                 o.files = ft.files(base)
                 o.stream = sum(1 for p in opened if p.taskvec is None)
             opened.append(o)
-        for q in sources.quantized.values():
-            raise InputError(
-                f"{q.checkpoint.display}: is block-quantized FP8, which fapm merge does not "
-                "dequantize yet",
-                hint="write a dequantized copy first (fapm prune --base X --finetuned X "
-                "--sparsity 0 -o X-bf16, X being that checkpoint) and merge with that",
-            )
         planned = _plan(base, opened, dtype)
         if sources.budget is not None:
             planned = order_for_disk(
@@ -212,10 +219,13 @@ def merge(
             records: list[MergeTensor] = []
             if job.writes_data:
                 with workspace(device, threads) as ws:
-                    records = _run(base, opened, mine, opts, job.writer, ws, progress)
+                    records = _run(
+                        base, opened, mine, opts, job.writer, ws, progress,
+                        sources.base_rebuild(),
+                    )  # fmt: skip
             copy = finetunes[0].files if finetunes else extra_files(base)
             card = _card(base.source.provenance(), opened, opts if finetunes else None, dtype)
-            copied, generated = published(copy, dtype, card)
+            copied, generated = published(copy, dtype, card, sources.dequantized)
             joined = job.finish([r.to_json() for r in records], copied, generated)
             if not job.writes_data:
                 records = [MergeTensor.from_json(r) for r in joined]
@@ -343,8 +353,19 @@ def _run(
     writer: CheckpointWriter,
     ws: Workspace,
     progress: Progress,
+    base_rebuild: Callable[[], Rebuilder] | None = None,
 ) -> list[MergeTensor]:
-    sides = [Side(TensorReader(base), [p.base for p in planned])]
+    base_reader = base_rebuild() if base_rebuild is not None else None
+    if base_reader is None:
+        sides = [Side(TensorReader(base), [p.base for p in planned])]
+    else:  # a block-FP8 base, dequantized as each tensor comes
+        sides = [
+            Side(
+                base_reader.reader,
+                [None] * len(planned),
+                [base_reader.shards(p.base.info.name) if p.base else [] for p in planned],
+            )
+        ]
     for o in opened:
         reader = o.open_reader()
         shards = [list(dict.fromkeys(r.shard for r in o.refs(p.name))) for p in planned]
@@ -363,6 +384,8 @@ def _run(
         for step in steps:
             p = planned[step.pos]
             b = step.tensors[0]
+            if base_reader is not None and p.base is not None:
+                b = base_reader.model(p.base.info.name, None)
             holders = [opened[k] for k in p.holders]
             writer.begin(p.name)
             changed = _merge_one(p, b, holders, opts, writer.write, ws)
@@ -404,7 +427,8 @@ def _merge_one(
     inputs: list[Contribution] = []
     dtypes = []
     for o in holders:
-        if o.adapter is not None:  # a rebuilt tensor: the merged model's dtype (base's)
+        if o.adapter is not None or o.dequant is not None:
+            # a rebuilt tensor: the merged model's dtype (base's), or the dequantized one
             assert o.items is not None
             ref = o.items[name].finetuned
             assert ref is not None
@@ -429,6 +453,11 @@ def _merge_one(
     return merge_tensor(p.out, base, inputs, write, ws, dtypes=dtypes)
 
 
+def _model_dtype(taskvec: TaskVector, name: str) -> DType | None:
+    e = taskvec.entries.get(name)
+    return e.model_dtype if e is not None else None
+
+
 def _ranged(reader: TensorReader, stored: str) -> Callable[[int, int], torch.Tensor]:
     return lambda start, stop: reader.read_range(stored, start, stop)
 
@@ -446,6 +475,16 @@ def _whole(o: _Opened, name: str, base: torch.Tensor | None) -> Callable[[], tor
             return kept[0]
 
         return rebuilt
+    if o.dq_reader is not None:
+        dq_reader = o.dq_reader
+        once: list[torch.Tensor] = []
+
+        def dequantized() -> torch.Tensor:  # once: kept for the item's slices
+            if not once:
+                once.append(dq_reader.model(name, None))
+            return once[0]
+
+        return dequantized
     assert o.reader is not None
     reader = o.reader
     return lambda: reader.read(name)
