@@ -473,3 +473,15 @@ def test_lora_adapter_on_a_block_fp8_base(tmp_path: Path) -> None:
     assert torch.equal(got["proj.weight"], merged)
     assert torch.equal(got["up.weight"], deq["up.weight"])
     assert "quantization_config" not in json.loads((tmp_path / "o" / "config.json").read_text())
+
+
+def test_inspect_compare_pairs_block_fp8_as_prune_reads_it(tmp_path: Path) -> None:
+    q = fp8_model(1)
+    fp8 = write_checkpoint(tmp_path / "fp8", q, config=FP8_CONFIG)
+    bf16 = write_checkpoint(tmp_path / "bf16", bf16_near(q, 2), config=BF16_CONFIG)
+    r = runner.invoke(app, ["inspect", str(fp8), "--compare", str(bf16), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)["compare"]
+    assert doc["only_a"] == [] and doc["only_b"] == [] and doc["common"] == 3
+    # the scales still count as tensors of the checkpoint itself
+    assert json.loads(r.stdout)["tensor_count"] == 5

@@ -20,7 +20,7 @@ from enum import StrEnum
 
 from fapm_cli.errors import InputError, UsageError
 from fapm_cli.io.adapter import ADAPTER_CONFIG
-from fapm_cli.io.quantized import block_size, method_of
+from fapm_cli.io.quantized import block_size, method_of, open_block_fp8, quantization_config
 from fapm_cli.io.reader import Checkpoint
 from fapm_cli.pairing import Difference, differences
 from fapm_cli.plan import (
@@ -246,7 +246,9 @@ class Comparison:
 
 def compare(a: Checkpoint, b: Checkpoint) -> Comparison:
     """Pair ``a`` (base) and ``b`` (finetuned) by tensor name, by the rules ``prune`` applies
-    (``pairing``, and ``plan.tied_heads`` for a head tied on one side only)."""
+    (``pairing``, and ``plan.tied_heads`` for a head tied on one side only): a block-FP8 side
+    as the dequantized weights prune reads (no scale tensors)."""
+    a, b = _as_read(a), _as_read(b)
     tied_a, untied = tied_heads(a, b)
     diffs: list[Difference] = []
     common = 0
@@ -265,6 +267,18 @@ def compare(a: Checkpoint, b: Checkpoint) -> Comparison:
         only_b=[n for n in b.tensors if n not in a.tensors and n not in tied_a],
         differences=diffs,
     )
+
+
+def _as_read(c: Checkpoint) -> Checkpoint:
+    """``c`` as the commands read it: a block-FP8 checkpoint's dequantized view (its scales
+    unchecked here: prune reports a mismatch itself)."""
+    block = block_size(quantization_config(c))
+    if block is None:
+        return c
+    try:
+        return open_block_fp8(c, block).view()
+    except InputError:
+        return c
 
 
 # -- verify -----------------------------------------------------------------------------------
