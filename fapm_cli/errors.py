@@ -20,6 +20,7 @@ class ExitCode(IntEnum):
     OUTPUT = 5  # the output cannot be written where asked
     RESOURCES = 6  # disk full, file-size limit, out of memory
     INTERRUPTED = 130  # SIGINT or SIGTERM: nothing was written
+    BROKEN_PIPE = 141  # stdout's reader went away (``| head``): ended quietly, as Unix tools do
 
 
 class FapmError(Exception):

@@ -121,3 +121,19 @@ def test_inspect_tells_a_model_a_task_vector_and_an_adapter_apart(
         assert code == 0, err
         kinds[name] = json.loads(out)["kind"]
     assert kinds == {"model": "model", "tv": "task-vector", "adapter": "adapter"}
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path, pair_dirs: tuple[Path, Path]) -> None:
+    """``fapm inspect BIG --tensors | head -1``: not an internal error, no traceback."""
+    import subprocess
+    import sys
+
+    _, f = pair_dirs
+    script = (
+        f"{sys.executable} -m fapm_cli inspect {f} --tensors | head -c 1 >/dev/null; "
+        "echo ${PIPESTATUS[0]} >&2"
+    )
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    *printed, code = r.stderr.strip().splitlines()
+    assert code in ("0", "141"), r.stderr  # 0 when fapm finished before head closed the pipe
+    assert not [line for line in printed if "error" in line or "Traceback" in line], printed

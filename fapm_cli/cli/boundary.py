@@ -8,7 +8,9 @@ removed its partial output; anything else is a bug, reported as such (exit 1). `
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import signal
 import sys
@@ -67,7 +69,9 @@ def boundary(fn: Callable[P, R]) -> Callable[P, R]:
 
 def _run(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
+        sys.stdout.flush()  # a closed pipe shows here, not later in click (which exits 1)
+        return result
     except typer.Exit:
         raise
     except FapmError as err:
@@ -83,6 +87,13 @@ def _run(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
             "the inputs are unchanged; run the command again to finish",
         )
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    except BrokenPipeError:
+        # The reader of stdout is gone (``fapm inspect BIG --tensors | head -3``): end quietly
+        # with the shell's code for SIGPIPE. stdout now points at /dev/null, so that Python's
+        # own flush at exit does not fail again on the closed pipe.
+        with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(int(ExitCode.BROKEN_PIPE)) from None
     except MemoryError:
         _print_error(
             "out of memory",

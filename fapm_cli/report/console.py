@@ -26,8 +26,14 @@ def is_terminal(stream: TextIO) -> bool:
 def console(stream: TextIO | None = None) -> Any:
     from rich.console import Console
 
+    class PipedConsole(Console):
+        def on_broken_pipe(self) -> None:
+            # rich would exit 1 (the code fapm keeps for bugs): let the CLI's boundary end a
+            # closed pipe the Unix way instead (exit 141, nothing on stderr).
+            raise BrokenPipeError
+
     stream = stream or sys.stdout
-    return Console(
+    return PipedConsole(
         file=stream,
         no_color="NO_COLOR" in os.environ,
         force_terminal=None,
