@@ -2,8 +2,10 @@
 
 The base is a tiny byte-level Llama trained briefly on English text (the Python documentation
 topics that ship with Python); the finetuned model continues with full fine-tuning on a
-synthetic arithmetic task. Both are saved with save_pretrained, sharded differently, so that
-fapm has to pair tensors by name across shards. Seeded; no download.
+synthetic arithmetic task (addition), and finetuned-2 on another (multiplication), both from
+the same base, so that the README's merge of two fine-tunes runs too. All are saved with
+save_pretrained, sharded differently, so that fapm has to pair tensors by name across shards.
+Seeded; no download.
 
 usage: python examples/make_pair.py OUT_DIR [--steps-base N] [--steps-finetune N]
 """
@@ -26,12 +28,12 @@ def general_text() -> bytes:
     return "\n".join(topics[k] for k in sorted(topics)).encode("ascii", "replace")
 
 
-def task_text(n: int, seed: int) -> bytes:
+def task_text(n: int, seed: int, op: str = "+") -> bytes:
     rng = random.Random(seed)
     lines = []
     for _ in range(n):
         a, b = rng.randrange(100), rng.randrange(100)
-        lines.append(f"{a}+{b}={a + b}")
+        lines.append(f"{a}{op}{b}={a + b if op == '+' else a * b}")
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -82,9 +84,14 @@ def main() -> None:
     loss = train(model, general_text(), args.steps_base, 3e-3, seed=1)
     print(f"base: {sum(p.numel() for p in model.parameters()):,} parameters, train loss {loss:.3f}")
     model.save_pretrained(args.out / "base", max_shard_size="200KB")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
     loss = train(model, task_text(5000, seed=2), args.steps_finetune, 1e-3, seed=3)
-    print(f"finetuned on arithmetic: train loss {loss:.3f}")
+    print(f"finetuned on addition: train loss {loss:.3f}")
     model.save_pretrained(args.out / "finetuned", max_shard_size="500KB")
+    model.load_state_dict(base_state)
+    loss = train(model, task_text(5000, seed=4, op="*"), args.steps_finetune, 1e-3, seed=5)
+    print(f"finetuned-2 on multiplication: train loss {loss:.3f}")
+    model.save_pretrained(args.out / "finetuned-2", max_shard_size="500KB")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkpoints import make_pair, write_checkpoint
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,12 +29,13 @@ def readme_commands() -> list[str]:
 
 
 def make_workspace(tmp: Path) -> None:
-    """The checkpoints the README's examples name."""
-    base, ft = make_pair(seed=5)
-    write_checkpoint(tmp / "llama-base", base, shard_bytes=3000, config={"model_type": "llama"})
-    write_checkpoint(tmp / "llama-sft", ft, config={"model_type": "llama"})
-    _, ft2 = make_pair(seed=6)
-    write_checkpoint(tmp / "llama-sft-2", ft2, config={"model_type": "llama"})
+    """What `make demo` leaves for the README's examples: demo/base, demo/finetuned and
+    demo/finetuned-2, made by the demo's own script (fewer training steps: same layout)."""
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "make_pair.py"), str(tmp / "demo"),
+         "--steps-base", "4", "--steps-finetune", "2"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
 
 
 def run_readme(tmp: Path, fapm_bin: Path) -> list[tuple[str, subprocess.CompletedProcess[str]]]:
@@ -61,7 +60,8 @@ def test_readme_examples_run(tmp_path: Path) -> None:
     for line, proc in run_readme(tmp_path, bin_dir):
         assert proc.returncode == 0, f"{line}\n{proc.stderr}"
         assert "Traceback" not in proc.stderr, line
-    assert (tmp_path / "llama-fapm" / "model.safetensors.index.json").exists()
+    assert (tmp_path / "demo" / "fapm" / "model.safetensors.index.json").exists()
+    assert (tmp_path / "demo" / "multi" / "model.safetensors.index.json").exists()
 
 
 @pytest.mark.slow

@@ -313,3 +313,19 @@ def test_refuses_what_prune_refuses(tmp_path: Path) -> None:
 def test_layer_and_module_from_names(name: str, layer: int | None, module: str) -> None:
     assert layer_of(name) == layer
     assert module_of(name) == module
+
+
+def test_top_without_sort_shows_the_riskiest(tmp_path: Path) -> None:
+    base, ft = make_pair(seed=21)
+    b = write_checkpoint(tmp_path / "b", base)
+    f = write_checkpoint(tmp_path / "f", ft)
+    code, out, _ = fapm("score", "-b", str(b), "-f", str(f), "--top", "3", "--format", "json")
+    assert code == 0
+    doc = json.loads(out)
+    everything = json.loads(fapm("score", "-b", str(b), "-f", str(f), "--format", "json")[1])
+    ranked = sorted(
+        (t for t in everything["tensors"] if t["mean_rel_change"] is not None),
+        key=lambda t: -t["mean_rel_change"],
+    )
+    assert [t["name"] for t in doc["tensors"]] == [t["name"] for t in ranked[:3]]
+    assert doc["sort"] == "mean_rel_change"

@@ -60,7 +60,7 @@ def inspect(
         typer.Option(
             "--compare",
             metavar="SOURCE",
-            help="Pair SOURCE (as base) with this checkpoint (as finetuned) by the rules of "
+            help="Pair this checkpoint (as base) with SOURCE (as finetuned) by the rules of "
             "prune; exit 4 if prune would refuse them.",
             show_default=False,
         ),

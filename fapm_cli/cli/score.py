@@ -68,7 +68,7 @@ def score(
         typer.Option(
             "--sort",
             help="Order tensor rows by this column (numbers largest first). "
-            "[default: order on disk]",
+            "[default: order on disk; with --top, mean_rel_change: the riskiest first]",
             show_default=False,
         ),
     ] = None,
@@ -160,6 +160,8 @@ def score(
             device=use_device(device),
             threads=default_threads(threads),
         )
+    if sort is None and top is not None:
+        sort = SortKey.MEAN_REL_CHANGE  # the first N worth showing are the riskiest
     rows = sort_tensors(result.tensors, sort, top)
     if plot is not None:
         write_plot(result, plot, plot_metric)
