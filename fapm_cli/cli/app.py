@@ -6,6 +6,7 @@ Heavy modules (torch, the engine, huggingface_hub) are imported inside command b
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -40,7 +41,7 @@ def main_options(
     version: Annotated[
         bool,
         typer.Option(
-            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+            "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
         ),
     ] = False,
     debug: Annotated[
@@ -59,4 +60,16 @@ app.command("inspect", epilog=inspect_cmd.EPILOG)(inspect_cmd.inspect)
 
 
 def main() -> None:
-    app(prog_name="fapm")
+    app(args=debug_first(sys.argv[1:]), prog_name="fapm")
+
+
+def debug_first(args: list[str]) -> list[str]:
+    """``--debug`` anywhere on the command line (the internal-error hint says "run again with
+    --debug", which users add at the end): moved to the front, where the app takes it."""
+    if "--" in args:
+        head, tail = args[: args.index("--")], args[args.index("--") :]
+    else:
+        head, tail = args, []
+    if "--debug" in head[1:]:
+        head = ["--debug", *[a for a in head if a != "--debug"]]
+    return head + tail

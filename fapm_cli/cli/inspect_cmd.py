@@ -43,7 +43,7 @@ def inspect(
         ),
     ],
     tensors: Annotated[
-        bool, typer.Option("--tensors", "-t", help="List every tensor: name, shape, dtype, shard.")
+        bool, typer.Option("--tensors", help="List every tensor: name, shape, dtype, shard.")
     ] = False,
     match: Annotated[
         str | None,

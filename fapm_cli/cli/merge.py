@@ -9,6 +9,7 @@ import typer
 from fapm_cli.cli.boundary import boundary
 from fapm_cli.cli.options import (
     AdapterBaseOpt,
+    DensityOpt,
     DeviceChoice,
     DeviceOpt,
     DiskBudgetOpt,
@@ -25,6 +26,7 @@ from fapm_cli.cli.options import (
     parse_part,
     parse_size_option,
     quiet_libraries,
+    sparsity_of,
     use_device,
 )
 from fapm_cli.errors import UsageError
@@ -92,6 +94,7 @@ def merge(
             show_default=False,
         ),
     ] = None,
+    density: DensityOpt = None,
     method: Annotated[
         Method,
         typer.Option("--method", "-m", help="With --finetuned: how updates are ranked."),
@@ -132,7 +135,7 @@ def merge(
     keep base's bytes. Inputs that do not pair with base are refused before any tensor is read.
     """
     from fapm_cli.io.header import parse_dtype
-    from fapm_cli.plan import TASK_VECTOR_KIND, PruneOptions, parse_sparsity
+    from fapm_cli.plan import TASK_VECTOR_KIND, PruneOptions
     from fapm_cli.records import MergeInput
     from fapm_cli.report.console import BarProgress, show
     from fapm_cli.report.merge import merge_json, print_merge
@@ -147,18 +150,15 @@ def merge(
             f"{len(ws)} --weight values for {n} inputs",
             hint="give one weight per input (task vectors first), a single weight, or none",
         )
-    if sparsity is not None and not fts:
+    if (sparsity is not None or density is not None) and not fts:
         raise UsageError(
-            "--sparsity applies to --finetuned inputs",
+            "--sparsity applies to --finetuned inputs",  # also said for its alias --density
             hint="a task vector is merged as it is; prune it with fapm prune --task-vector",
         )
     if any(w != w or w in (float("inf"), float("-inf")) for w in ws):
         raise UsageError("--weight must be a finite number")
     split = parse_part(part, finalize)
-    try:
-        frac = parse_sparsity(sparsity if sparsity is not None else "0.9")
-    except ValueError as err:
-        raise UsageError(str(err), hint="see fapm merge --help") from err
+    frac = sparsity_of(sparsity, density, "merge")
     shard_bytes = parse_size_option(max_shard_size, "merge")
     assert shard_bytes is not None
     budget_bytes = parse_size_option(disk_budget, "merge")

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
+from fractions import Fraction
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -233,3 +234,34 @@ def parse_size_option(text: str | None, command: str) -> int | None:
         return parse_size(text)
     except ValueError as err:
         raise UsageError(str(err), hint=f"see fapm {command} --help") from err
+
+
+DensityOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--density",
+        metavar="D",
+        help="Fraction of each tensor's task vector kept: 1 - sparsity (mergekit's word). "
+        "Give --sparsity or --density, not both.",
+        show_default=False,
+    ),
+]
+
+
+def sparsity_of(sparsity: str | None, density: str | None, command: str) -> Fraction:
+    """``--sparsity``, or ``1 - --density``, exactly (default 0.9); both at once is refused."""
+    from fapm_cli.plan import parse_sparsity
+
+    if sparsity is not None and density is not None:
+        raise UsageError(
+            "--sparsity and --density say the same thing (density = 1 - sparsity): give one",
+            hint=f"see fapm {command} --help",
+        )
+    try:
+        if density is not None:
+            kept = parse_sparsity(density)  # the same exact parse and the same [0, 1] range
+            return 1 - kept
+        return parse_sparsity(sparsity if sparsity is not None else "0.9")
+    except ValueError as err:
+        text = str(err).replace("sparsity", "density") if density is not None else str(err)
+        raise UsageError(text, hint=f"see fapm {command} --help") from err

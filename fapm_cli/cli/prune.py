@@ -9,6 +9,7 @@ import typer
 from fapm_cli.cli.boundary import boundary
 from fapm_cli.cli.options import (
     AdapterBaseOpt,
+    DensityOpt,
     DeviceChoice,
     DeviceOpt,
     DiskBudgetOpt,
@@ -26,6 +27,7 @@ from fapm_cli.cli.options import (
     parse_part,
     parse_size_option,
     quiet_libraries,
+    sparsity_of,
     use_device,
 )
 from fapm_cli.errors import UsageError
@@ -89,15 +91,17 @@ def prune(
         ),
     ] = Format.DENSE,
     sparsity: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--sparsity",
             "-s",
             metavar="S",
             help="Fraction of each tensor's task vector removed, in [0, 1]; 0.9 keeps 10%. "
-            "0 gives finetuned back, 1 gives base back.",
+            "0 gives finetuned back, 1 gives base back. [default: 0.9]",
+            show_default=False,
         ),
-    ] = "0.9",
+    ] = None,
+    density: DensityOpt = None,
     method: Annotated[
         Method,
         typer.Option(
@@ -181,7 +185,7 @@ def prune(
     the model.
     """
     from fapm_cli.io.header import parse_dtype
-    from fapm_cli.plan import PruneOptions, parse_sparsity
+    from fapm_cli.plan import PruneOptions
     from fapm_cli.report.console import BarProgress, show
     from fapm_cli.report.prune import print_prune, prune_json
     from fapm_cli.verbs.prune import check_forms
@@ -189,10 +193,7 @@ def prune(
 
     check_forms(finetuned, task_vector, save, fmt, method)
     split = parse_part(part, finalize)
-    try:
-        frac = parse_sparsity(sparsity)
-    except ValueError as err:
-        raise UsageError(str(err), hint="see fapm prune --help") from err
+    frac = sparsity_of(sparsity, density, "prune")
     shard_bytes = parse_size_option(max_shard_size, "prune")
     budget_bytes = parse_size_option(disk_budget, "prune")
     try:

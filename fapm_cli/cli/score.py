@@ -10,6 +10,7 @@ import typer
 from fapm_cli.cli.boundary import boundary
 from fapm_cli.cli.options import (
     AdapterBaseOpt,
+    DensityOpt,
     DeviceChoice,
     DeviceOpt,
     DiskBudgetOpt,
@@ -23,6 +24,7 @@ from fapm_cli.cli.options import (
     exit_codes,
     parse_size_option,
     quiet_libraries,
+    sparsity_of,
     use_device,
 )
 from fapm_cli.errors import UsageError
@@ -54,14 +56,17 @@ def score(
     finetuned: FinetunedOpt,
     base: AdapterBaseOpt = None,
     sparsity: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--sparsity",
             "-s",
             metavar="S",
-            help="Sparsity at which the fapm and magnitude masks are compared, in [0, 1].",
+            help="Sparsity at which the fapm and magnitude masks are compared, in [0, 1]. "
+            "[default: 0.9]",
+            show_default=False,
         ),
-    ] = "0.9",
+    ] = None,
+    density: DensityOpt = None,
     lam: LamOpt = 1.0,
     sort: Annotated[
         SortKey | None,
@@ -124,7 +129,6 @@ def score(
     share of ||tau||^2 kept by fapm and by magnitude pruning and the Jaccard overlap of their
     masks. Roll-ups per layer and per module type. Writes no model.
     """
-    from fapm_cli.plan import parse_sparsity
     from fapm_cli.records import sort_tensors
     from fapm_cli.report.console import BarProgress, emit_json
     from fapm_cli.report.score import (
@@ -136,10 +140,7 @@ def score(
     )
     from fapm_cli.verbs.score import score as run
 
-    try:
-        frac = parse_sparsity(sparsity)
-    except ValueError as err:
-        raise UsageError(str(err), hint="see fapm score --help") from err
+    frac = sparsity_of(sparsity, density, "score")
     if json_out:  # the flag every command has; same as --format json
         if fmt is OutputFormat.csv:
             raise UsageError("--json and --format csv exclude each other")
