@@ -329,3 +329,41 @@ def test_top_without_sort_shows_the_riskiest(tmp_path: Path) -> None:
     )
     assert [t["name"] for t in doc["tensors"]] == [t["name"] for t in ranked[:3]]
     assert doc["sort"] == "mean_rel_change"
+
+
+@pytest.mark.parametrize("width", [60, 80, 100])
+def test_tables_fit_a_narrow_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, width: int
+) -> None:
+    """Below the table's width, rows are stacked: names kept (cut in the middle only if
+    longer than the line), every figure shown, no line wider than the terminal."""
+    import io
+
+    from rich.console import Console
+
+    from fapm_cli.records import SortKey, sort_tensors
+    from fapm_cli.report import score as rendering
+    from fapm_cli.verbs.score import score
+
+    base, ft = make_pair(seed=22)
+    long = "model.layers.0.self_attn.a_very_long_projection_name_for_a_narrow_terminal.weight"
+    base[long], ft[long] = base["model.norm.weight"].clone(), ft["model.norm.weight"].clone()
+    b = write_checkpoint(tmp_path / "b", base)
+    f = write_checkpoint(tmp_path / "f", ft)
+    buf = io.StringIO()
+    monkeypatch.setattr(rendering, "wide_console", lambda: Console(file=buf, width=width))
+    report = score(str(b), str(f), Fraction(9, 10))
+    rows = sort_tensors(report.tensors, SortKey.NAME, None)
+    rendering.print_score(report, rows)
+    lines = buf.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= width
+    for t in rows:
+        shown = t.name if len(t.name) <= width else rendering.middle(t.name, width)
+        assert shown in lines, t.name
+    assert rendering.middle(long, 40).startswith("model.layers.0.self")
+    assert (
+        rendering.middle(long, 40).endswith("terminal.weight")
+        and len(rendering.middle(long, 40)) == 40
+    )
+    text = buf.getvalue()
+    assert text.count("Jaccard") == len(rows) + len(report.by_layer()) + len(report.by_module()) + 1

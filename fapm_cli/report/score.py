@@ -7,6 +7,7 @@ import csv
 import html
 import io
 import math
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,45 @@ def _figure(name: str, value: float | int | None) -> str:
     return f"{value:.3g}"
 
 
+# Narrower than this, the eight figures and a tensor name do not fit one row of a table: each
+# row is then stacked (its name, then its figures as "label value" pairs, wrapped).
+TABLE_WIDTH = 130
+
+
+def middle(text: str, width: int) -> str:
+    """``text`` cut in the middle to ``width`` characters: a tensor name keeps its module path
+    head and its parameter tail (``model.layers.1…proj.weight``)."""
+    if len(text) <= width:
+        return text
+    keep = max(width - 1, 2)
+    return text[: keep - keep // 2] + "…" + text[len(text) - keep // 2 :]
+
+
 def print_score(r: ForgettingReport, rows: list[TensorScore]) -> None:
-    """Tables per tensor (sorted and cut as asked), per layer, per module type, and the total."""
+    """Tables per tensor (sorted and cut as asked), per layer, per module type, and the total;
+    stacked rows on a terminal too narrow for the table (no line wider than it)."""
     from rich.table import Table
 
     out = wide_console()
+    stacked = out.width < TABLE_WIDTH
+
+    def stack(title: str, head: str, entries: list[tuple[str, Sums]]) -> None:
+        out.print(title, style="bold", overflow="ellipsis", no_wrap=True)
+        for key, s in entries:
+            label = key if head in ("", "tensor") else f"{head} {key}"
+            out.print(middle(label, out.width), no_wrap=True, overflow="ellipsis")
+            # A no-break space inside each "label value" pair: lines break between pairs only.
+            pairs = [f"{lab} {_figure(n, getattr(s, n))}".replace(" ", "\u00a0")
+                     for n, lab in _SCORE_COLUMNS]  # fmt: skip
+            tokens = [f"{pair}\u00a0·" for pair in pairs[:-1]] + pairs[-1:]
+            for line in textwrap.wrap("  ".join(tokens), out.width - 2):
+                out.print("  " + line.replace("\u00a0", " "), no_wrap=True, overflow="ellipsis")
+        out.print()
 
     def table(title: str, head: str, entries: list[tuple[str, Sums]]) -> None:
+        if stacked:
+            stack(title, head, entries)
+            return
         t = Table(title=title, title_justify="left")
         t.add_column(head, overflow="fold")
         for _, label in _SCORE_COLUMNS:
