@@ -367,3 +367,19 @@ def test_tables_fit_a_narrow_terminal(
     )
     text = buf.getvalue()
     assert text.count("Jaccard") == len(rows) + len(report.by_layer()) + len(report.by_module()) + 1
+
+
+def test_plot_follows_the_overwrite_rule_of_every_output(tmp_path: Path) -> None:
+    base, ft = make_pair(seed=23)
+    b = write_checkpoint(tmp_path / "b", base)
+    f = write_checkpoint(tmp_path / "f", ft)
+    plot = tmp_path / "plot.html"
+    plot.write_text("mine")
+    code, _, err = fapm("score", "-b", str(b), "-f", str(f), "--plot", str(plot), "-q")
+    assert code == 5 and "already exists" in err and plot.read_text() == "mine"
+    code, _, err = fapm(
+        "score", "-b", str(b), "-f", str(f), "--plot", str(plot), "-q", "--overwrite"
+    )
+    assert code == 0, err
+    assert plot.read_text().startswith("<!DOCTYPE html") or "<svg" in plot.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "f", "plot.html"]  # no temp left

@@ -101,10 +101,15 @@ def merge(
     ] = Method.FAPM,
     lam: Annotated[
         float,
-        typer.Option("--lam", min=0.0, help="With --finetuned: fapm's relative-change weight."),
+        typer.Option(
+            "--lam", min=0.0, metavar="X", help="With --finetuned: fapm's relative-change weight."
+        ),
     ] = 1.0,
     seed: Annotated[
-        int, typer.Option("--seed", min=0, help="With --finetuned --method random: the seed.")
+        int,
+        typer.Option(
+            "--seed", min=0, metavar="N", help="With --finetuned --method random: the seed."
+        ),
     ] = 0,
     dtype: Annotated[
         str | None,

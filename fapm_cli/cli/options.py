@@ -188,7 +188,12 @@ def exit_codes(mismatch: str = "base/finetuned mismatch") -> str:
 
 LamOpt = Annotated[
     float,
-    typer.Option("--lam", min=0.0, help="Weight of the relative-change penalty in the fapm score."),
+    typer.Option(
+        "--lam",
+        min=0.0,
+        metavar="X",
+        help="Weight of the relative-change penalty in the fapm score.",
+    ),
 ]
 
 PartOpt = Annotated[

@@ -113,7 +113,8 @@ def prune(
     ] = Method.FAPM,
     lam: LamOpt = 1.0,
     seed: Annotated[
-        int, typer.Option("--seed", min=0, help="Seed of --method random (reproducible).")
+        int,
+        typer.Option("--seed", min=0, metavar="N", help="Seed of --method random (reproducible)."),
     ] = 0,
     keep_base: Annotated[
         list[str] | None,

@@ -146,7 +146,7 @@ def score(
             raise UsageError("--json and --format csv exclude each other")
         fmt = OutputFormat.json
     if plot is not None:
-        check_plot_path(plot)  # before the heavy work
+        check_plot_path(plot, overwrite)  # before the heavy work
     budget_bytes = parse_size_option(disk_budget, "score")
     with quiet_libraries(quiet):
         result = run(
@@ -165,7 +165,7 @@ def score(
         sort = SortKey.MEAN_REL_CHANGE  # the first N worth showing are the riskiest
     rows = sort_tensors(result.tensors, sort, top)
     if plot is not None:
-        write_plot(result, plot, plot_metric)
+        write_plot(result, plot, plot_metric, overwrite)
     if fmt is OutputFormat.json:
         emit_json(score_json(result, rows, sort, top, plot))
     elif fmt is OutputFormat.csv:

@@ -7,6 +7,7 @@ import csv
 import html
 import io
 import math
+import os
 import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -197,9 +198,15 @@ def _cell(v: float | int | None) -> str:
     return str(v) if isinstance(v, int) else repr(float(v))
 
 
-def check_plot_path(path: str) -> str:
-    """The plot kind for ``path`` ("png" or "html"), checked before any heavy work."""
-    suffix = Path(path).suffix.lower()
+def check_plot_path(path: str, overwrite: bool = False) -> str:
+    """The plot kind for ``path`` ("png" or "html"), checked before any heavy work. An existing
+    file is replaced only with ``overwrite``, as every file fapm writes."""
+    target = Path(path)
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise OutputError(f"{path}: already exists", hint="pass --overwrite to replace it")
+    if target.is_dir():
+        raise OutputError(f"{path}: is a directory", hint="name the plot file, e.g. plot.html")
+    suffix = target.suffix.lower()
     if suffix in (".html", ".htm"):
         return "html"
     if suffix == ".png":
@@ -231,15 +238,21 @@ def heatmap(
     return layers, modules, values
 
 
-def write_plot(r: ForgettingReport, path: str, metric: PlotMetric) -> None:
-    kind = check_plot_path(path)
+def write_plot(r: ForgettingReport, path: str, metric: PlotMetric, overwrite: bool = False) -> None:
+    """Write the plot through a temporary sibling renamed into place: complete or absent."""
+    kind = check_plot_path(path, overwrite)
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.fapm-tmp-{os.getpid()}{target.suffix}")
     try:
         if kind == "png":
-            _write_png(r, Path(path), metric)
+            _write_png(r, tmp, metric)
         else:
-            Path(path).write_text(render_html(r, metric), encoding="utf-8")
+            tmp.write_text(render_html(r, metric), encoding="utf-8")
+        os.replace(tmp, target)
     except OSError as err:
         raise OutputError(f"{path}: cannot write the plot ({err.strerror})") from err
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_png(r: ForgettingReport, path: Path, metric: PlotMetric) -> None:
