@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from fapm_cli.io.source import Source
 
 _REPO_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s]+)?$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 # First ranged read of a shard: most headers fit (huggingface_hub's get_safetensors_metadata
 # makes the same bet), so one request per shard; a larger header costs a second request.
@@ -270,21 +269,20 @@ class HubSource:
 
     def _download(self, name: str, *, budgeted: bool) -> str:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils.tqdm import silent_tqdm
 
         local = self._local_copy(name)
         if local is not None:
             return local
         if self.offline:
             raise _offline_error(self.display, name)
-        tqdm_class = None if self.show_progress else silent_tqdm
+        tqdm_class = None if self.show_progress else _silent_tqdm()
         ref = RepoRef(self.repo_id, self.revision)
         if not budgeted or self.budget is None:
             with _translated(self.display, ref, name):
                 path = str(
                     hf_hub_download(self.repo_id, name, revision=self.commit, tqdm_class=tqdm_class)
                 )
-            self._remember_revision()
+            self._remember_revision(Path(path))
             return path
         self.budget.before_fetch(self._where(name))
         if self._target is None:  # one directory per source: base and finetuned never share files
@@ -309,14 +307,17 @@ class HubSource:
         self.budget.add(nbytes)
         return path
 
-    def _remember_revision(self) -> None:
+    def _remember_revision(self, cached: Path) -> None:
         """Record revision -> commit in the cache's refs/, as huggingface_hub does for the
         revision it is given: we always give it the sha, so without this the cached files
-        could not be found again by branch or tag name offline."""
+        could not be found again by branch or tag name offline. ``cached`` is the path
+        ``hf_hub_download`` returned, ``<repo folder>/snapshots/<commit>/<file>``: the repo's
+        folder comes from it, not from the cache's naming rule."""
         revision = self.revision or "main"
         if revision == self.commit or self._ref_recorded or ".." in revision.split("/"):
             return
-        path = _cache_folder(self.repo_id) / "refs" / revision
+        # Plain file names only (``_check``): the repo folder is three levels up.
+        path = cached.parents[2] / "refs" / revision
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(self.commit)
@@ -393,37 +394,24 @@ def fetch_size(source: Source, shard: str, header: Header) -> int:
 # -- the offline cache ---------------------------------------------------------------------
 
 
-def _cache_folder(repo_id: str) -> Path:
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
-
-
 def _from_cache(ref: RepoRef, text: str) -> tuple[str, list[str]]:
-    """Commit and file list of a repo in the huggingface_hub cache, with no network."""
-    folder = _cache_folder(ref.repo_id)
+    """Commit and file list of a repo in the huggingface_hub cache, with no network: the
+    library's own lookup (``snapshot_download(local_files_only=True)`` resolves a branch or
+    tag through the cache's refs, and follows the cache's layout as it changes)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     revision = ref.revision or "main"
-    commit: str | None = None
-    if _COMMIT.match(revision) and (folder / "snapshots" / revision).is_dir():
-        commit = revision
-    else:
-        ref_file = folder / "refs" / revision
-        try:
-            if ref_file.is_file():
-                commit = ref_file.read_text().strip()
-        except OSError:
-            commit = None
-    snapshot = folder / "snapshots" / commit if commit else None
-    if snapshot is None or not snapshot.is_dir():
+    try:
+        snapshot = Path(snapshot_download(ref.repo_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError) as err:
         raise InputError(
             f"{text}: offline (HF_HUB_OFFLINE=1) and revision {revision!r} is not in the cache",
             hint="run once online to fill the cache (or `hf download "
             f"{ref.repo_id} --revision {revision}`), or unset HF_HUB_OFFLINE",
-        )
-    assert commit is not None
+        ) from err
     files = sorted(e.name for e in os.scandir(snapshot) if e.is_file())
-    return commit, files
+    return snapshot.name, files
 
 
 def _offline_error(display: str, name: str) -> InputError:
@@ -559,3 +547,15 @@ def _offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.is_offline_mode())
+
+
+def _silent_tqdm() -> type[Any]:
+    """A tqdm that draws nothing, for downloads while fapm's own bar is off (--quiet, pipes)."""
+    from tqdm.auto import tqdm
+
+    class Silent(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Silent
