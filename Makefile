@@ -1,8 +1,11 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
-# torch is installed first, pinned (CPU wheel); override with e.g. TORCH_SPEC='torch==2.5.1'.
+# torch is installed first, pinned; override with e.g. TORCH_SPEC='torch==2.5.1'. On Linux the
+# default index serves the CUDA build (several GB): TORCH_INDEX names another index, e.g.
+# PyTorch's CPU-only one (see README, "Set-up").
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 DEMO := demo
@@ -13,7 +16,8 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py fapm_cli/compute/_kernels.c
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --disable-pip-version-check \
+		$(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $@
 
