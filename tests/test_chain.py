@@ -114,7 +114,7 @@ def test_prune_of_compact_keeps_pruning(
     """A compact task vector is a valid --task-vector: pruning it at a lower sparsity keeps it."""
     b, f, _ = chain_pair
     common = ["-b", str(b), "-s", "0.8"]
-    fapm("prune", *common, "-f", str(f), "--save", "task-vector", "--format", "compact",
+    fapm("prune", *common, "-f", str(f), "--save", "task-vector", "--layout", "compact",
          "-o", str(tmp_path / "tv"))  # fmt: skip
     fapm("prune", *common, "-f", str(f), "-o", str(tmp_path / "p"))
     fapm("prune", "-b", str(b), "-t", str(tmp_path / "tv"), "-s", "0", "-o", str(tmp_path / "q"))

@@ -170,8 +170,8 @@ def test_size_is_about_a_sixth_of_dense_bf16(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "needle"),
     [
-        (["-m", "random", "--save", "task-vector", "--format", "compact"], 2, "ranked method"),
-        (["--format", "compact"], 2, "--save task-vector"),
+        (["-m", "random", "--save", "task-vector", "--layout", "compact"], 2, "ranked method"),
+        (["--layout", "compact"], 2, "--save task-vector"),
     ],
 )
 def test_refusals(tmp_path: Path, args: list[str], code: int, needle: str) -> None:
@@ -229,7 +229,7 @@ def test_prune_json_describes_the_stored_task_vector(tmp_path: Path) -> None:
     base, ft = make_pair(seed=15)
     b = write_checkpoint(tmp_path / "b", base)
     f = write_checkpoint(tmp_path / "f", ft)
-    args = ["prune", "-b", str(b), "-f", str(f), "--save", "task-vector", "--format", "compact"]
+    args = ["prune", "-b", str(b), "-f", str(f), "--save", "task-vector", "--layout", "compact"]
     r = runner.invoke(app, [*args, "-o", str(tmp_path / "tv"), "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)

@@ -70,3 +70,17 @@ def test_dash_t_means_task_vector_only(tmp_path: Path, pair_dirs: tuple[Path, Pa
     code, _, err = run("inspect", str(f), "-t")
     assert code == 2 and "No such option" in err
     assert run("inspect", str(f), "--tensors")[0] == 0
+
+
+def test_prune_layout_and_its_old_name(tmp_path: Path, pair_dirs: tuple[Path, Path]) -> None:
+    """``--format`` is score's output format only; prune's task-vector layout is ``--layout``
+    (its old name still works, with a warning, so scripts keep running)."""
+    b, f = pair_dirs
+    args = ["prune", "-b", str(b), "-f", str(f), "--save", "task-vector", "-q"]
+    new, old = tmp_path / "new", tmp_path / "old"
+    assert run(*args, "--layout", "compact", "-o", str(new)) == (0, "", "")
+    r = runner.invoke(app, [*args[:-1], "--format", "compact", "-o", str(old)])
+    assert r.exit_code == 0 and "prune --format is now --layout" in r.stderr
+    assert tree_hash(old) == tree_hash(new)
+    code, _, err = run(*args, "--layout", "dense", "--format", "dense", "-o", str(tmp_path / "x"))
+    assert code == 2 and "give --layout only" in err

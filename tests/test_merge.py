@@ -90,7 +90,7 @@ def test_compact_and_dense_mix(tmp_path: Path, three: tuple) -> None:
     args = ["-b", str(b), "-s", "0.5", "--save", "task-vector", "-q"]
     assert (
         invoke(
-            "prune", *args, "-f", str(f1), "--format", "compact", "-o", str(tmp_path / "c")
+            "prune", *args, "-f", str(f1), "--layout", "compact", "-o", str(tmp_path / "c")
         ).exit_code
         == 0
     )

@@ -227,7 +227,7 @@ def split_equals_single(tmp_path: Path, args: list[str], n: int) -> dict[str, st
     "form",
     [
         ("prune", "--save", "task-vector"),
-        ("prune", "--save", "task-vector", "--format", "compact", "-m", "magnitude"),
+        ("prune", "--save", "task-vector", "--layout", "compact", "-m", "magnitude"),
         ("prune", "-m", "random", "--seed", "3", "--save", "task-vector"),
         ("diff",),
         ("merge", "-s", "0.7"),

@@ -42,7 +42,7 @@ Examples:
       --keep-base '*norm*' -o out/
   fapm prune -b base/ -f sft/ -m random --seed 1 -o out/ --json | jq .totals
   fapm prune -b base/ -t tv/ -s 0.9 -o out/          # task vector from fapm diff
-  fapm prune -b base/ -f sft/ --save task-vector --format compact -o tv-0.9/
+  fapm prune -b base/ -f sft/ --save task-vector --layout compact -o tv-0.9/
 
 """ + exit_codes()
 
@@ -81,15 +81,20 @@ def prune(
             help="Write the merged model, or the pruned task vector (base + it = the model).",
         ),
     ] = Save.MODEL,
-    fmt: Annotated[
-        Format,
+    layout: Annotated[
+        Format | None,
         typer.Option(
-            "--format",
+            "--layout",
             help="With --save task-vector: dense (same names and shapes, exact deltas) or "
             "compact (kept values + bitmask or indices; ranked methods only). See "
-            "docs/formats.md.",
+            "docs/formats.md. [default: dense]",
+            show_default=False,
         ),
-    ] = Format.DENSE,
+    ] = None,
+    old_format: Annotated[
+        Format | None,
+        typer.Option("--format", hidden=True, help="The old name of --layout."),
+    ] = None,
     sparsity: Annotated[
         str | None,
         typer.Option(
@@ -192,6 +197,7 @@ def prune(
     from fapm_cli.verbs.prune import check_forms
     from fapm_cli.verbs.prune import prune as run
 
+    fmt = _layout(layout, old_format)
     check_forms(finetuned, task_vector, save, fmt, method)
     split = parse_part(part, finalize)
     frac = sparsity_of(sparsity, density, "prune")
@@ -240,3 +246,16 @@ def prune(
         as_json=prune_json,
         as_table=print_prune,
     )
+
+
+def _layout(layout: Format | None, old_format: Format | None) -> Format:
+    """``--layout``; ``--format``, its old name (which now only means an output format, in
+    ``score``), still works with a warning, so that scripts keep running."""
+    if old_format is None:
+        return layout or Format.DENSE
+    if layout is not None:
+        raise UsageError("--format is the old name of --layout: give --layout only")
+    from fapm_cli.report.console import warn
+
+    warn("prune --format is now --layout (--format is score's output format)")
+    return old_format

@@ -453,14 +453,15 @@ class Workspace:
 @contextmanager
 def workspace(device: str = "cpu", threads: int | None = None) -> Iterator[Workspace]:
     """A run's ``Workspace``; ``threads`` (None: torch's setting as it is) is torch's intra-op
-    thread count for the run, restored afterwards (torch keeps it process-wide)."""
+    thread count for the run, restored when the run finishes (torch keeps it process-wide)."""
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    try:
-        yield Workspace(torch.device(device))
-    finally:
-        torch.set_num_threads(before)
+    yield Workspace(torch.device(device))
+    # Restored after a run that finished, not while an error or a signal unwinds it: worker
+    # threads may still be inside a torch op then, and resizing torch's thread pool under
+    # them can abort the process ("terminate called without an active exception").
+    torch.set_num_threads(before)
 
 
 @dataclass

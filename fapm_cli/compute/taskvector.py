@@ -10,7 +10,7 @@ dense (``fapm diff``, ``fapm prune --save task-vector``)
     fine-tuned value 2^16 times smaller than its base value, ...) is stored as the model's own
     values instead and listed in ``fapm.values``, as are non-float tensors.
 
-compact (``fapm prune --save task-vector --format compact``)
+compact (``fapm prune --save task-vector --layout compact``)
     For a pruned task vector: per tensor ``<name>::values`` (the model's values at the kept
     positions, in the model's dtype, flat order), the positions as ``<name>::mask`` (a packed
     bitmask) or ``<name>::idx`` (delta-coded indices), whichever is smaller, and

@@ -207,12 +207,12 @@ def check_forms(
             "give exactly one of --finetuned and --task-vector", hint="see fapm prune --help"
         )
     if save is Save.MODEL and fmt is Format.COMPACT:
-        raise UsageError("--format compact needs --save task-vector", hint="see fapm prune --help")
+        raise UsageError("--layout compact needs --save task-vector", hint="see fapm prune --help")
     if fmt is Format.COMPACT and method is Method.RANDOM:
         raise UsageError(
-            "--format compact needs a ranked method (fapm, magnitude, ratio)",
+            "--layout compact needs a ranked method (fapm, magnitude, ratio)",
             hint="--method random keeps a random number of entries, so the compact layout "
-            "cannot be planned before scoring; use --format dense",
+            "cannot be planned before scoring; use --layout dense",
         )
 
 
@@ -222,7 +222,7 @@ def check_compact_names(items: Sequence[Item]) -> None:
             raise UsageError(
                 f"tensor {item.name!r} has '{tv.SEP}' in its name, which the compact format "
                 "reserves",
-                hint="use --format dense",
+                hint="use --layout dense",
             )
 
 
