@@ -17,17 +17,6 @@ from fapm_cli.errors import UsageError
 if TYPE_CHECKING:
     from fapm_cli.io.parts import Part
 
-BaseOpt = Annotated[
-    str,
-    typer.Option(
-        "--base",
-        "-b",
-        metavar="SOURCE",
-        help="Pre-trained checkpoint: a directory, a .safetensors file, or a Hub id "
-        "org/name[@revision].",
-        show_default=False,
-    ),
-]
 AdapterBaseOpt = Annotated[
     str | None,
     typer.Option(

@@ -52,10 +52,6 @@ def torch_dtype(d: DType) -> torch.dtype:
     return getattr(torch, d.torch_name)  # type: ignore[no-any-return]
 
 
-def st_dtype(t: torch.dtype) -> DType:
-    return next(d for d in DTYPES.values() if d.torch_name == str(t).removeprefix("torch."))
-
-
 # -- dense: deltas and their exact inverse ------------------------------------------------------
 
 
