@@ -85,6 +85,21 @@ SHAPES: dict[str, tuple[int, ...]] = {
     "lm_head.weight": (37, 16),
 }
 
+# Hand labels for SHAPES: (layer, module type).
+LABELS: dict[str, tuple[int | None, str]] = {
+    "model.embed_tokens.weight": (None, "embeddings"),
+    "model.layers.0.self_attn.q_proj.weight": (0, "q"),
+    "model.layers.0.self_attn.q_proj.bias": (0, "q"),
+    "model.layers.0.mlp.up_proj.weight": (0, "mlp"),
+    "model.layers.0.input_layernorm.weight": (0, "norms"),
+    "model.layers.1.mlp.down_proj.weight": (1, "mlp"),
+    "model.layers.1.odd": (1, "other"),
+    "model.layers.1.one": (1, "other"),
+    "model.layers.1.scalar": (1, "other"),
+    "model.norm.weight": (None, "norms"),
+    "lm_head.weight": (None, "lm_head"),
+}
+
 
 def make_pair(
     seed: int = 0, dtype: torch.dtype = torch.float32
@@ -108,3 +123,13 @@ def make_pair(
     base["model.position_ids"] = torch.arange(12, dtype=torch.int64)
     ft["model.position_ids"] = torch.arange(12, dtype=torch.int64)
     return base, ft
+
+
+def assert_same_bits(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for name, w in want.items():
+        g = got[name]
+        assert (g.dtype, g.shape) == (w.dtype, w.shape), name
+        gb = g.reshape(-1).contiguous().view(torch.uint8)
+        wb = w.reshape(-1).contiguous().view(torch.uint8)
+        assert torch.equal(gb, wb), f"{name} differs"

@@ -18,7 +18,13 @@ import torch
 from typer.testing import CliRunner
 
 from fapm_cli.cli.app import app
-from tests.checkpoints import load_checkpoint, make_pair, tree_hash, write_checkpoint
+from tests.checkpoints import (
+    assert_same_bits,
+    load_checkpoint,
+    make_pair,
+    tree_hash,
+    write_checkpoint,
+)
 
 runner = CliRunner()
 
@@ -26,16 +32,6 @@ runner = CliRunner()
 def fapm(*args: str) -> None:
     r = runner.invoke(app, [*args, "--quiet"])
     assert r.exit_code == 0, r.output
-
-
-def assert_same_bits(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert set(got) == set(want)
-    for name, w in want.items():
-        g = got[name]
-        assert (g.dtype, g.shape) == (w.dtype, w.shape), name
-        gb = g.reshape(-1).contiguous().view(torch.uint8)
-        wb = w.reshape(-1).contiguous().view(torch.uint8)
-        assert torch.equal(gb, wb), f"{name} differs"
 
 
 def adversarial(dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from fapm_cli.cli.app import app
-from tests.checkpoints import load_checkpoint
+from tests.checkpoints import assert_same_bits, load_checkpoint
 from tests.hub_server import FakeHub
 from tests.test_hub import hf, hub  # noqa: F401  (fixtures: the Hub emulator)
 
@@ -129,16 +129,6 @@ def shards(out: Path) -> dict[str, tuple[dict[str, Any], bytes]]:
         header.pop("__metadata__", None)
         found[f.name] = (header, raw[8 + n :])
     return found
-
-
-def assert_same_bits(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert set(got) == set(want)
-    for name, w in want.items():
-        g = got[name]
-        assert (g.dtype, g.shape) == (w.dtype, w.shape), name
-        gb = g.reshape(-1).contiguous().view(torch.uint8)
-        wb = w.reshape(-1).contiguous().view(torch.uint8)
-        assert torch.equal(gb, wb), f"{name} differs"
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from fapm_cli.cli.app import app
-from tests.checkpoints import load_checkpoint, make_pair, tree_hash, write_checkpoint
+from tests.checkpoints import LABELS, load_checkpoint, make_pair, tree_hash, write_checkpoint
 
 runner = CliRunner()
 
@@ -527,21 +527,6 @@ def test_merge_of_finetunes_is_the_reference(
 
 # -- score --lam and --plot-metric ---------------------------------------------------------------
 
-# Where each tensor of make_pair lands in the layer x module grid (forgetting's naming rules).
-CELLS = {
-    "model.embed_tokens.weight": (None, "embeddings"),
-    "model.layers.0.self_attn.q_proj.weight": (0, "q"),
-    "model.layers.0.self_attn.q_proj.bias": (0, "q"),
-    "model.layers.0.mlp.up_proj.weight": (0, "mlp"),
-    "model.layers.0.input_layernorm.weight": (0, "norms"),
-    "model.layers.1.mlp.down_proj.weight": (1, "mlp"),
-    "model.layers.1.odd": (1, "other"),
-    "model.layers.1.one": (1, "other"),
-    "model.layers.1.scalar": (1, "other"),
-    "model.norm.weight": (None, "norms"),
-    "lm_head.weight": (None, "lm_head"),
-}
-
 
 def ref_sums(b: torch.Tensor, f: torch.Tensor, s: Fraction, lam: float) -> dict[str, float]:
     """The additive totals behind every figure of `fapm score`, for one tensor."""
@@ -600,7 +585,7 @@ def test_score_lam_moves_the_figures_as_the_reference_predicts(
                           "--json"))  # fmt: skip
     assert doc["lam"] == lam
     rows = {t["name"]: t for t in doc["tensors"]}
-    assert set(rows) == set(CELLS) and doc["skipped"] == ["model.position_ids"]
+    assert set(rows) == set(LABELS) and doc["skipped"] == ["model.position_ids"]
     for name, row in rows.items():
         want = ref_sums(base[name], ft[name], s, lam)
         fig = ref_figures(want)
@@ -645,7 +630,7 @@ def test_plot_metric_html_shows_each_cell_of_that_metric(
     page = plot.read_text()
     assert f"<b>{metric}</b>" in page
     cells: dict[tuple[int | None, str], dict[str, float]] = {}
-    for name, cell in CELLS.items():
+    for name, cell in LABELS.items():
         t = ref_sums(base[name], ft[name], s, 0.5)
         cells[cell] = {k: cells.get(cell, {}).get(k, 0) + v for k, v in t.items()}
     for (layer, module), sums in cells.items():

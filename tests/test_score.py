@@ -18,25 +18,10 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from fapm_cli.names import layer_of, module_of
-from tests.checkpoints import load_checkpoint, make_pair, tree_hash, write_checkpoint
+from tests.checkpoints import LABELS, load_checkpoint, make_pair, tree_hash, write_checkpoint
 from tests.reference import reference_mask, reference_scores
 
 runner = CliRunner()
-
-# Hand labels for tests/checkpoints.SHAPES: (layer, module type).
-LABELS: dict[str, tuple[int | None, str]] = {
-    "model.embed_tokens.weight": (None, "embeddings"),
-    "model.layers.0.self_attn.q_proj.weight": (0, "q"),
-    "model.layers.0.self_attn.q_proj.bias": (0, "q"),
-    "model.layers.0.mlp.up_proj.weight": (0, "mlp"),
-    "model.layers.0.input_layernorm.weight": (0, "norms"),
-    "model.layers.1.mlp.down_proj.weight": (1, "mlp"),
-    "model.layers.1.odd": (1, "other"),
-    "model.layers.1.one": (1, "other"),
-    "model.layers.1.scalar": (1, "other"),
-    "model.norm.weight": (None, "norms"),
-    "lm_head.weight": (None, "lm_head"),
-}
 
 
 def fapm(*args: str) -> tuple[int, str, str]:
