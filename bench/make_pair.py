@@ -33,7 +33,7 @@ TAU_STD = 5e-4  # a full fine-tune's update: a few bf16 ulps of a 0.02 weight (m
 
 @dataclass(frozen=True)
 class Shape:
-    """A Llama config, enough to lay out every tensor."""
+    """A Llama config (``experts`` > 0: a Mixtral-style MoE), enough to lay out every tensor."""
 
     vocab: int
     hidden: int
@@ -41,6 +41,7 @@ class Shape:
     layers: int
     heads: int
     kv_heads: int
+    experts: int = 0  # per layer; each has its own gate/up/down of ``intermediate`` rows
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) in the layer order transformers uses."""
@@ -53,9 +54,23 @@ class Shape:
                 (p + "self_attn.k_proj.weight", (kv, h)),
                 (p + "self_attn.v_proj.weight", (kv, h)),
                 (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "mlp.gate_proj.weight", (self.intermediate, h)),
-                (p + "mlp.up_proj.weight", (self.intermediate, h)),
-                (p + "mlp.down_proj.weight", (h, self.intermediate)),
+            ]
+            if self.experts:
+                out.append((p + "block_sparse_moe.gate.weight", (self.experts, h)))
+                for e in range(self.experts):
+                    q = f"{p}block_sparse_moe.experts.{e}."
+                    out += [
+                        (q + "w1.weight", (self.intermediate, h)),
+                        (q + "w2.weight", (h, self.intermediate)),
+                        (q + "w3.weight", (self.intermediate, h)),
+                    ]
+            else:
+                out += [
+                    (p + "mlp.gate_proj.weight", (self.intermediate, h)),
+                    (p + "mlp.up_proj.weight", (self.intermediate, h)),
+                    (p + "mlp.down_proj.weight", (h, self.intermediate)),
+                ]
+            out += [
                 (p + "input_layernorm.weight", (h,)),
                 (p + "post_attention_layernorm.weight", (h,)),
             ]
@@ -63,6 +78,17 @@ class Shape:
         return out
 
     def config(self) -> dict[str, object]:
+        if self.experts:
+            return {
+                **self._llama(),
+                "architectures": ["MixtralForCausalLM"],
+                "model_type": "mixtral",
+                "num_local_experts": self.experts,
+                "num_experts_per_tok": 2,
+            }
+        return self._llama()
+
+    def _llama(self) -> dict[str, object]:
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -87,7 +113,31 @@ SIZES = {
     "large": Shape(vocab=64128, hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8),
     # 0.6B parameters with small tensors, ~1.2 GB per side: for runs under a 1 GB memory limit.
     "cgroup": Shape(vocab=32000, hidden=1024, intermediate=4096, layers=36, heads=16, kv_heads=8),
+    # A small Mixtral-shaped MoE: 24 layers x 64 experts, 4,705 tensors of 24.6K-65K elements
+    # (most of them experts); 126M parameters. The fixed cost per tensor shows here.
+    "moe": Shape(
+        vocab=32000, hidden=256, intermediate=96, layers=24, heads=4, kv_heads=4, experts=64
+    ),
 }
+
+
+@dataclass(frozen=True)
+class Grid:
+    """``count`` tensors of one shape and nothing else: the fixed cost per tensor, bare."""
+
+    count: int
+    shape: tuple[int, int]
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        width = len(str(self.count - 1))
+        return [(f"experts.{i:0{width}d}.weight", self.shape) for i in range(self.count)]
+
+    def config(self) -> dict[str, object]:
+        return {"model_type": "grid", "torch_dtype": "bfloat16"}
+
+
+# 10,000 tensors of 64 x 64 (41M parameters): issue #15's small-tensor pair.
+GRIDS = {"grid10k": Grid(10_000, (64, 64))}
 
 
 def _gen(seed: int, name: str, side: str, chunk: int) -> torch.Generator:
@@ -163,7 +213,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def make_pair(root: Path, size: str, seed: int = 0) -> dict[str, object]:
     """Write the pair under ``root`` unless the same one is already there; returns its facts."""
-    shape = SIZES[size]
+    shape: Shape | Grid = SIZES[size] if size in SIZES else GRIDS[size]
     tensors = shape.tensors()
     params = sum(_numel(s) for _, s in tensors)
     facts = {
@@ -195,7 +245,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("dir", type=Path)
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--size", choices=sorted([*SIZES, *GRIDS]), default="small")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)

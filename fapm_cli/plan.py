@@ -9,6 +9,7 @@ see ``pairing``) before any tensor data is read, so a mismatch is refused up fro
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class Method(StrEnum):
     RANDOM = "random"
 
 
+@functools.lru_cache(maxsize=1 << 12)  # Fraction arithmetic, once per tensor shape (MoE: many)
 def keep_count(numel: int, sparsity: Fraction) -> int:
     """``floor(numel * (1 - s))`` computed exactly (numel 10, s 0.9 -> 1, not 0)."""
     return int(numel * (1 - sparsity)) if sparsity < 1 else 0

@@ -21,6 +21,7 @@ import torch
 from fapm_cli import plan
 from fapm_cli.compute import native, scoring
 from fapm_cli.compute import prune as compute_prune
+from fapm_cli.io import reader
 from fapm_cli.io.reader import BufferPool
 from fapm_cli.plan import Method
 from fapm_cli.verbs import prune as verbs_prune
@@ -144,6 +145,65 @@ def test_bucket_hist_and_count_eq() -> None:
     assert int(hist.sum()) == 1
     assert KERNELS.count_eq(keys, 3) == 2
     assert KERNELS.count_eq(keys, 7) == 0
+
+
+def _sorted_threshold(keys: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """(k-th largest key, keys above it, keys equal to it), from a full sort."""
+    ordered = sorted(keys.tolist(), reverse=True)
+    t = ordered[k - 1]
+    return t, sum(x > t for x in ordered), sum(x == t for x in ordered)
+
+
+@needs_kernels
+def test_select_small_against_a_sort() -> None:
+    """The 8-bit radix select of small tensors: every digit decides somewhere (keys that
+    differ only in their lowest byte, only in their highest, the int32 extremes, ties)."""
+    assert KERNELS is not None
+    rng = random.Random(3)
+    cases = [
+        [rng.randrange(-(1 << 31), 1 << 31) for _ in range(300)],
+        [0x12345600 + rng.randrange(4) for _ in range(300)],  # ties, low byte only
+        [rng.randrange(4) << 24 for _ in range(300)],  # high byte only
+        [-(1 << 31)] * 5 + [(1 << 31) - 1] * 5 + [0, -1, 1],
+        [7] * 64,
+        [5],
+    ]
+    for values in cases:
+        keys = torch.tensor(values, dtype=torch.int32)
+        for k in sorted(
+            {1, 2, len(values) // 3, len(values) - 1, len(values)} & set(range(1, len(values) + 1))
+        ):
+            assert KERNELS.select_small(keys, k) == _sorted_threshold(keys, k), (values[:5], k)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", [Method.FAPM, Method.MAGNITUDE, Method.RATIO])
+@pytest.mark.parametrize("n", [1, 2, 3, 4096, scoring.SMALL_TENSOR])
+def test_small_tensor_path_equals_the_histogram_path(method: Method, n: int) -> None:
+    """rank_tensor below SMALL_TENSOR (keys in one call, radix select) against the same
+    tensor forced through the chunked histogram path: same keys, same threshold, same
+    sum(tau^2) bits; for every k, including keep-all, keep-none and a plateau of ties."""
+    gen = torch.Generator().manual_seed(n)
+    b = (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)
+    f = (b.float() + torch.randn(n, generator=gen) * 5e-4).to(torch.bfloat16)
+    if n > 8:
+        b[n // 4 : n // 2] = 0.01  # equal scores across the threshold
+        f[n // 4 : n // 2] = 0.0105
+        b[:3] = 0.0  # -inf scores (fapm, ratio)
+    for k in sorted({0, 1, n // 10, n // 3, n // 2, n - 1, n}):
+        small = scoring.rank_tensor(method, b, f, k, 0.5, _never)
+        chunked = scoring.rank_tensor(method, b, f, k, 0.5, _never, chunk=max(1, n // 3))
+        assert torch.equal(small.keys, chunked.keys)
+        assert small.threshold == chunked.threshold, (k, small.threshold, chunked.threshold)
+        assert small.sq_total == chunked.sq_total
+        masks = [torch.cat([m for _, _, m in scoring.keep_masks(r)]) for r in (small, chunked)]
+        assert torch.equal(masks[0], masks[1]) and int(masks[0].sum()) == k
+        want = reference_mask(b, f, Fraction(n - k, n), method.value, lam=0.5)
+        assert torch.equal(masks[0], want.reshape(-1))
+
+
+def _never(start: int, stop: int) -> None:
+    raise AssertionError("finite inputs")
 
 
 @needs_kernels
@@ -302,3 +362,22 @@ def test_no_scoring_thread_outlives_a_run(tmp_path: Path, monkeypatch: pytest.Mo
     verbs_prune.prune(str(bd), str(fd), str(tmp_path / "o"), plan.PruneOptions())
     left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
     assert left == []
+
+
+def test_read_ahead_counts_against_brute_force() -> None:
+    """How far the reader may run ahead of item j: as many items as fit, with item j's own
+    peak, in the limit (and never past MAX_AHEAD), for random sizes and limits."""
+    rng = random.Random(4)
+    for _ in range(500):
+        n = rng.randint(1, 12)
+        held = [rng.randint(1, 50) for _ in range(n)]
+        read = [rng.randint(0, h) for h in held]
+        limit = rng.randint(max(held), 120)
+        got = reader.ahead_counts(held, read, limit)
+        for j in range(n):
+            a = 0
+            while j + a + 1 < n and held[j] + sum(read[j + 1 : j + a + 2]) <= limit:
+                a += 1
+            assert got[j] == min(a, reader.MAX_AHEAD), (held, read, limit, j)
+    # many tiny items: capped by count, not only by bytes
+    assert max(reader.ahead_counts([1] * 2000, [1] * 2000, 10**9)) == reader.MAX_AHEAD

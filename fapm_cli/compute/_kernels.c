@@ -20,6 +20,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define API __attribute__((visibility("default")))
@@ -36,7 +37,7 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { M_FAPM = 0, M_MAGNITUDE = 1, M_RATIO = 2 };
 
 /* Bumped whenever a signature or a result changes; native.py refuses a stale build. */
-#define ABI_VERSION 1
+#define ABI_VERSION 2
 
 #define BLOCK 1024 /* elements per inner block: its float scratch stays in L1 */
 #define BINS 65536
@@ -193,6 +194,56 @@ HOT API void fapm_bucket_hist(const int32_t *keys, int64_t n, int32_t low, int64
         uint32_t d = (uint32_t)keys[i] - (uint32_t)low;
         if (d < (uint32_t)BINS) hist[d]++;
     }
+}
+
+/* The exact threshold of a small tensor: the k-th largest of keys[0:n] (1 <= k < n), by radix
+ * select over 8-bit digits with the candidates compacted after each digit (4 passes, 256-bin
+ * histograms). For the small tensors of MoE checkpoints the 16-bit histogram path's fixed cost
+ * (a 65,536-bin histogram built, walked and summed per tensor, ~1 ms) is most of the work; this
+ * is O(n) with no fixed cost. *key gets the threshold key, *above how many keys exceed it and
+ * *eq how many equal it (so the first k - *above of those are kept). Returns 0, or -1 when no
+ * scratch memory could be had. */
+HOT API int fapm_select_small(const int32_t *keys, int64_t n, int64_t k, int32_t *key,
+                              int64_t *above, int64_t *eq) {
+    uint32_t *cand = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
+    if (!cand) return -1;
+    int64_t need = k, m = 0;
+    int64_t hist[256];
+    memset(hist, 0, sizeof hist);
+    for (int64_t i = 0; i < n; i++) hist[((uint32_t)keys[i] ^ 0x80000000u) >> 24]++;
+    for (int shift = 24;; shift -= 8) {
+        int b = 255;
+        while (hist[b] < need) need -= hist[b--];
+        /* keep the candidates whose digit is b: the k-th largest is among them */
+        if (shift == 24) {
+            for (int64_t i = 0; i < n; i++) {
+                uint32_t u = (uint32_t)keys[i] ^ 0x80000000u;
+                if ((u >> 24) == (uint32_t)b) cand[m++] = u;
+            }
+        } else {
+            int64_t j = 0;
+            for (int64_t i = 0; i < m; i++)
+                if (((cand[i] >> shift) & 255u) == (uint32_t)b) cand[j++] = cand[i];
+            m = j;
+        }
+        if (shift == 0) break;
+        memset(hist, 0, sizeof hist);
+        for (int64_t i = 0; i < m; i++) hist[(cand[i] >> (shift - 8)) & 255u]++;
+    }
+    *key = (int32_t)(cand[0] ^ 0x80000000u);
+    *above = k - need;
+    *eq = m;
+    free(cand);
+    return 0;
+}
+
+/* Adds the 4 interleaved uint32 histograms of fapm_score_keys into hist[65536] (int64) and
+ * zeroes them: the flush that torch did in 4 full-size ops per tensor. */
+HOT API void fapm_hist_flush(uint32_t *counts, int64_t *hist) {
+    for (int64_t i = 0; i < BINS; i++)
+        hist[i] += (int64_t)counts[i] + counts[BINS + i] + counts[2 * BINS + i] +
+                   counts[3 * BINS + i];
+    memset(counts, 0, 4 * BINS * sizeof(uint32_t));
 }
 
 /* How many of keys[0:n] equal t. */

@@ -16,7 +16,7 @@ from functools import cache
 
 import torch
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 ENV = "FAPM_NATIVE"  # "0": use the torch path (for comparisons and troubleshooting)
 
 # The dtype codes of _kernels.c. Scores are float32 for these; float64 inputs use torch.
@@ -27,13 +27,25 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 
 
+# Calls on at most this many elements keep the GIL (the library loaded a second time with
+# ctypes.PyDLL): they take microseconds, and giving the GIL away for each (a CDLL call does)
+# lets the reader and writer threads take it for up to the interpreter's switch interval. On
+# 10,000 tensors of 64 x 64 that handoff was a third of fapm prune's time.
+GIL_HELD = 1 << 16
+
+
 @dataclass(frozen=True)
 class Kernels:
-    lib: ctypes.CDLL
+    lib: ctypes.CDLL  # releases the GIL for each call: chunks run in parallel on threads
+    held: ctypes.CDLL  # the same functions, keeping the GIL: small calls
+
+    def _for(self, n: int) -> ctypes.CDLL:
+        return self.held if n <= GIL_HELD else self.lib
 
     def sum_abs(self, t: torch.Tensor) -> float:
         """sum(|t|) in float64, in a fixed order (8 lanes)."""
-        return float(self.lib.fapm_sum_abs(DTYPES[t.dtype], t.data_ptr(), t.numel()))
+        n = t.numel()
+        return float(self._for(n).fapm_sum_abs(DTYPES[t.dtype], t.data_ptr(), n))
 
     def score_keys(
         self,
@@ -45,7 +57,7 @@ class Kernels:
         hist: torch.Tensor | None,
     ) -> float:
         """Keys of one chunk into ``keys``; ``hist`` (4 x 65536 uint32 as int32) is added to."""
-        sq = self.lib.fapm_score_keys(
+        sq = self._for(base.numel()).fapm_score_keys(
             METHODS[method], DTYPES[base.dtype], DTYPES[finetuned.dtype],
             base.data_ptr(), finetuned.data_ptr(), base.numel(), coef, keys.data_ptr(),
             None if hist is None else hist.data_ptr(),
@@ -55,8 +67,25 @@ class Kernels:
     def bucket_hist(self, keys: torch.Tensor, low: int, hist: torch.Tensor) -> None:
         self.lib.fapm_bucket_hist(keys.data_ptr(), keys.numel(), low, hist.data_ptr())
 
+    def select_small(self, keys: torch.Tensor, k: int) -> tuple[int, int, int]:
+        """(key, above, eq) of the k-th largest of ``keys`` (0 < k < numel): its key, how many
+        keys exceed it and how many equal it."""
+        key, above, eq = ctypes.c_int32(), ctypes.c_int64(), ctypes.c_int64()
+        rc = self._for(keys.numel()).fapm_select_small(
+            keys.data_ptr(), keys.numel(), k, ctypes.byref(key), ctypes.byref(above),
+            ctypes.byref(eq),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError(f"no memory to select among {keys.numel()} keys")
+        return key.value, above.value, eq.value
+
+    def hist_flush(self, counts: torch.Tensor, hist: torch.Tensor) -> None:
+        """Add the 4 interleaved uint32 histograms ``counts`` into ``hist`` and zero them."""
+        self.lib.fapm_hist_flush(counts.data_ptr(), hist.data_ptr())
+
     def count_eq(self, keys: torch.Tensor, t: int) -> int:
-        return int(self.lib.fapm_count_eq(keys.data_ptr(), keys.numel(), t))
+        n = keys.numel()
+        return int(self._for(n).fapm_count_eq(keys.data_ptr(), n, t))
 
     def select_write(
         self,
@@ -69,7 +98,7 @@ class Kernels:
     ) -> tuple[float, int, int]:
         """Output chunk into ``out`` (may be ``finetuned``): (sum tau^2 kept, kept, ties used)."""
         kept, ties = ctypes.c_int64(), ctypes.c_int64()
-        sq = self.lib.fapm_select_write(
+        sq = self._for(keys.numel()).fapm_select_write(
             keys.data_ptr(), keys.numel(), t, ties_left, DTYPES[base.dtype],
             base.data_ptr(), finetuned.data_ptr(), out.data_ptr(),
             ctypes.byref(kept), ctypes.byref(ties),
@@ -88,6 +117,10 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fapm_score_keys.restype = ctypes.c_double
     lib.fapm_bucket_hist.argtypes = [_P, _I64, ctypes.c_int32, _P]
     lib.fapm_bucket_hist.restype = None
+    lib.fapm_select_small.argtypes = [_P, _I64, _I64, _P, _P, _P]
+    lib.fapm_select_small.restype = ctypes.c_int
+    lib.fapm_hist_flush.argtypes = [_P, _P]
+    lib.fapm_hist_flush.restype = None
     lib.fapm_count_eq.argtypes = [_P, _I64, ctypes.c_int32]
     lib.fapm_count_eq.restype = ctypes.c_int64
     lib.fapm_select_write.argtypes = [
@@ -103,12 +136,14 @@ def _load() -> Kernels | None:
         return None
     try:
         lib = ctypes.CDLL(spec.origin)
-        _bind(lib)
+        held = ctypes.PyDLL(spec.origin)
+        for one in (lib, held):
+            _bind(one)
         if lib.fapm_kernels_abi() != ABI_VERSION:
             return None  # built from another version of _kernels.c: reinstall to rebuild
     except (OSError, AttributeError):
         return None
-    return Kernels(lib)
+    return Kernels(lib, held)
 
 
 def kernels() -> Kernels | None:

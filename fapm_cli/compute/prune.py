@@ -8,12 +8,12 @@ selection into output bytes and the per-tensor record.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from fapm_cli.compute import scoring
+from fapm_cli.compute import native, scoring
 from fapm_cli.compute.scoring import CHUNK, Workspace
 from fapm_cli.errors import InputError
 from fapm_cli.plan import Action, Item, Method, PruneOptions, keep_count
@@ -127,9 +127,9 @@ def prune_tensor(
         and opts.method is not Method.RANDOM
         and b.dtype == f.dtype == out_dtype
         and ws.on_cpu  # --device cuda: keys live on the GPU
-        and scoring.native_kernels(b, f, cdt) is not None
+        and (kern := scoring.native_kernels(b, f, cdt)) is not None
     ):
-        return _prune_native(item, b, f, opts, write, ws, inplace)
+        return _prune_native(kern, item, b, f, opts, write, ws, inplace)
     scale = dare_scale(opts)
     same = b.dtype == f.dtype == out_dtype
     ranked = opts.method is not Method.RANDOM
@@ -179,6 +179,7 @@ NATIVE_OUT_CHUNK = 1 << 20
 
 
 def _prune_native(
+    kern: native.Kernels,
     item: Item,
     b: torch.Tensor,
     f: torch.Tensor,
@@ -193,8 +194,6 @@ def _prune_native(
     may keep (counted first, only when the tie quota runs out inside the tensor), so they run
     on the scoring threads and are written in order. In place, the output overwrites
     ``finetuned`` chunk by chunk: no allocation, no page faults."""
-    kern = scoring.native_kernels(b, f, scoring.compute_dtype(b.dtype, f.dtype))
-    assert kern is not None
     n = b.numel()
     k = keep_count(n, opts.sparsity)
 
@@ -205,21 +204,27 @@ def _prune_native(
     ranked = scoring.rank_tensor(opts.method, b, f, k, opts.lam, nonfinite, ws)
     try:
         starts = range(0, n, NATIVE_OUT_CHUNK)
-        key, quota = scoring.tie_quotas(ranked, NATIVE_OUT_CHUNK, kern.count_eq, ws.workers)
 
-        def chunk(i: int) -> tuple[torch.Tensor, float, int]:
+        def chunk(i: int, key: int, ties: int) -> tuple[torch.Tensor, float, int]:
             c = starts[i]
             sl = slice(c, c + NATIVE_OUT_CHUNK)
             out = f[sl] if inplace else torch.empty_like(f[sl])
-            sq, kept, _ = kern.select_write(ranked.keys[sl], key, quota[i], b[sl], f[sl], out)
+            sq, kept, _ = kern.select_write(ranked.keys[sl], key, ties, b[sl], f[sl], out)
             return out, sq, kept
 
+        results: Iterable[tuple[torch.Tensor, float, int]]
+        if len(starts) == 1:  # one chunk keeps every tie: no quota to count, no thread
+            results = [chunk(0, *ranked.threshold.int32_rule(n))]
+        else:
+            key, quota = scoring.tie_quotas(ranked, NATIVE_OUT_CHUNK, kern.count_eq, ws.workers)
+            if inplace:  # chunks run ahead on the scoring threads; written in order
+                results = scoring.imap_chunks(
+                    lambda i: chunk(i, key, quota[i]), range(len(starts)), ws.workers
+                )
+            else:  # fresh chunks: one at a time, so memory stays one chunk
+                results = (chunk(i, key, quota[i]) for i in range(len(starts)))
         sq_kept = 0.0
         kept = 0
-        if inplace:  # chunks run ahead on the scoring threads; written in order
-            results = scoring.imap_chunks(chunk, range(len(starts)), ws.workers)
-        else:  # fresh chunks: one at a time, so memory stays one chunk
-            results = (chunk(i) for i in range(len(starts)))
         for out, sq, count in results:
             sq_kept += sq
             kept += count

@@ -22,6 +22,7 @@ import collections
 import hashlib
 import math
 import os
+import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -95,7 +96,7 @@ def native_kernels(
     if cdt != torch.float32:
         return None
     for t in (base, finetuned):
-        if t.device.type != "cpu" or t.dtype not in native.DTYPES or not t.is_contiguous():
+        if not t.is_cpu or t.dtype not in native.DTYPES or not t.is_contiguous():
             return None
     return native.kernels()
 
@@ -169,6 +170,15 @@ class Threshold:
     keep_all: bool = False  # k == numel: nothing to select
     keep_none: bool = False  # k == 0
 
+    def int32_rule(self, n: int) -> tuple[int, int]:
+        """``(key, ties)`` such that "keep every key > key, then the first ``ties`` equal to it"
+        is this selection of ``n`` int32 keys, keep-all and keep-none included."""
+        if self.keep_all:  # every key is >= the smallest int32: keep all "ties" with it
+            return -(1 << 31), n
+        if self.keep_none:  # no key is > the largest int32, and no tie is kept
+            return (1 << 31) - 1, 0
+        return self.key, self.ties
+
 
 def select_threshold(keys: torch.Tensor, k: int) -> Threshold:
     """Find the k-th largest key by radix select on 16-bit digits, most significant first."""
@@ -235,15 +245,10 @@ def tie_quotas(
 ) -> tuple[int, list[int]]:
     """The same selection as ``keep_masks`` for chunks of ``chunk`` keys that run
     independently: the key to compare with, and per chunk how many keys equal to it it keeps
-    (counted first, only when the tie quota runs out inside the tensor). The key is adjusted
-    so that "keep > key, then quota ties" also covers keep-all and keep-none (int32 keys)."""
-    t = ranked.threshold
+    (counted first, only when the tie quota runs out inside the tensor); see
+    ``Threshold.int32_rule``."""
     n = ranked.keys.numel()
-    key, ties = t.key, t.ties
-    if t.keep_all:  # every key is >= the smallest int32: keep all "ties" with it
-        key, ties = -(1 << 31), n
-    elif t.keep_none:  # no key is > the largest int32, and no tie is kept
-        key, ties = (1 << 31) - 1, 0
+    key, ties = ranked.threshold.int32_rule(n)
     starts = range(0, n, chunk)
     quota = [0] * len(starts)
     if ties:
@@ -508,6 +513,10 @@ def rank_tensor(
     device = ws.device
     n = base.numel()
     cdt = compute_dtype(base.dtype, finetuned.dtype)
+    if n <= SMALL_TENSOR and chunk is None and device.type == "cpu":
+        small = native_kernels(base, finetuned, cdt)
+        if small is not None:
+            return _rank_small(small, method, base, finetuned, k, lam, on_nonfinite, ws.keys)
     coef = torch.tensor(lam, dtype=cdt) * torch.tensor(
         mean_abs(base, cdt, ws.workers) if method is Method.FAPM else 0.0, dtype=cdt
     )
@@ -563,8 +572,7 @@ def rank_tensor(
             sq_parts[i] = sq
             pending += stop - c
             if counts is not None and (pending >= 1 << 31 or i + workers >= len(starts)):
-                hist += counts.view(4, _DIGITS).to(torch.int64).bitwise_and_(0xFFFFFFFF).sum(0)
-                counts.zero_()
+                kern.hist_flush(counts, hist)
                 pending = 0
         return hist
 
@@ -589,3 +597,59 @@ def rank_tensor(
         raise
     sq_total = math.fsum(sq_parts)  # in chunk order whatever the number of workers
     return Ranked(keys, threshold, sq_total, owner)
+
+
+# Tensors up to this many entries are selected by ``native.select_small`` (an 8-bit radix select
+# over compacted candidates, O(n) with no fixed cost) instead of the 16-bit histogram, whose
+# fixed cost per tensor (65,536 bins built, flushed, walked) dominates small tensors; both give
+# the same threshold (tested). Measured crossover in docs/benchmarks.md ("Small tensors").
+SMALL_TENSOR = 1 << 16
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (as ``torch.tensor(x, dtype=torch.float32)`` rounds it)."""
+    try:
+        return float(struct.unpack("f", struct.pack("f", x))[0])
+    except OverflowError:  # packing refuses what rounds to infinity; torch gives inf
+        return math.copysign(math.inf, x)
+
+
+def _rank_small(
+    kern: native.Kernels,
+    method: Method,
+    base: torch.Tensor,
+    finetuned: torch.Tensor,
+    k: int,
+    lam: float,
+    on_nonfinite: Callable[[int, int], None],
+    owner: KeyBuffer,
+) -> Ranked:
+    """``rank_tensor`` for a small CPU float32-scored tensor, in three kernel calls (mean,
+    keys, select) and no torch op: the same keys and threshold as the general path.
+
+    The coefficient is the same float32 arithmetic: ``m`` is the float64 mean rounded once
+    (one chunk: its sum is the kernel's), ``lam`` rounded, and their product is exact in
+    float64 (24-bit significands) before its one rounding to float32."""
+    n = base.numel()
+    m = _f32(kern.sum_abs(base) / n) if method is Method.FAPM and n else 0.0
+    coef = _f32(_f32(lam) * m)
+    keys = owner.take(n, torch.int32)
+    try:
+        sq = kern.score_keys(method.value, base, finetuned, coef, keys, None)
+        if not math.isfinite(sq):
+            on_nonfinite(0, n)
+        if k >= n:
+            threshold = Threshold(0, 0, keep_all=True)
+        elif k <= 0:
+            threshold = Threshold(0, 0, keep_none=True)
+        else:
+            key, above, eq = kern.select_small(keys, k)
+            ties = k - above
+            # As select_from_top_histogram: all ties kept -> "keys > key - 1", no tie ranking.
+            threshold = (
+                Threshold(key - 1, 0) if key > -(1 << 31) and eq == ties else Threshold(key, ties)
+            )
+    except BaseException:
+        owner.give_back(keys)
+        raise
+    return Ranked(keys, threshold, sq, owner)
