@@ -368,3 +368,95 @@ def test_plot_follows_the_overwrite_rule_of_every_output(tmp_path: Path) -> None
     assert code == 0, err
     assert plot.read_text().startswith("<!DOCTYPE html") or "<svg" in plot.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "f", "plot.html"]  # no temp left
+
+
+# -- sweeps: several sparsities in one pass ----------------------------------------------------
+
+
+SWEEP = ["0", "0.5", "0.9", "0.99", "1"]
+
+
+@pytest.mark.parametrize("path", ["small", "histogram"])
+def test_a_sweep_reports_what_each_single_run_reports(
+    pair: tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]],
+    path: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``-s A,B,...``: per sparsity, the very report a run at that sparsity gives (only the
+    run time differs), and every figure against the independent computation; on both
+    selection paths (small tensors: radix select; larger ones: histograms, many chunks)."""
+    from fapm_cli.compute import scoring
+
+    if path == "histogram":
+        monkeypatch.setattr(scoring, "SMALL_TENSOR", 0)
+        monkeypatch.setattr(scoring, "FUSED_CHUNK", 64)
+    b, f, base, ft = pair
+    code, out, err = fapm("score", "-b", str(b), "-f", str(f), "-s", ",".join(SWEEP), "--json")
+    assert (code, err) == (0, ""), err
+    doc = json.loads(out)
+    assert doc["command"] == "score" and doc["sparsities"] == [float(Fraction(s)) for s in SWEEP]
+    assert len(doc["sweep"]) == len(SWEEP)
+    for s, one in zip(SWEEP, doc["sweep"], strict=True):
+        code, out, err = fapm("score", "-b", str(b), "-f", str(f), "-s", s, "--json")
+        assert code == 0, err
+        single = json.loads(out)
+        for d in (single, one):
+            d.pop("seconds")
+        assert one == {k: v for k, v in single.items()
+                       if k not in ("schema", "command", "fapm_version", "plot")}  # fmt: skip
+        assert_figures(one["total"], expected(list(LABELS), base, ft, Fraction(s)))
+        rows = {t["name"]: t for t in one["tensors"]}
+        for name in LABELS:
+            assert_figures(rows[name], expected([name], base, ft, Fraction(s)))
+
+
+def test_sweep_csv_table_and_refusals(tmp_path: Path) -> None:
+    base, ft = make_pair(seed=3)
+    b = write_checkpoint(tmp_path / "b", base)
+    f = write_checkpoint(tmp_path / "f", ft)
+    code, out, _ = fapm("score", "-b", str(b), "-f", str(f), "-s", "0.5,0.9", "--format", "csv")
+    assert code == 0
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert {r["sparsity"] for r in table} == {"0.5", "0.9"}
+    totals = {r["sparsity"]: r for r in table if r["level"] == "total"}
+    _, single, _ = fapm("score", "-b", str(b), "-f", str(f), "-s", "0.5", "--format", "csv")
+    want = next(r for r in csv.DictReader(io.StringIO(single)) if r["level"] == "total")
+    assert {k: v for k, v in totals["0.5"].items() if k != "sparsity"} == want
+    code, out, _ = fapm("score", "-b", str(b), "-f", str(f), "--density", "0.5,0.1")
+    assert code == 0 and "sparsity sweep" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("│")] == ["0.5", "0.9"]
+    code, _, err = fapm("score", "-b", str(b), "-f", str(f), "-s", "0.5,0.9", "--plot", "x.html")
+    assert code == 2 and "one sparsity" in err
+    code, _, err = fapm("score", "-b", str(b), "-f", str(f), "-s", "0.5,,0.9")
+    assert code == 2 and "empty entry" in err
+    code, _, err = fapm("score", "-b", str(b), "-f", str(f), "-s", "0.5,1.5")
+    assert code == 2 and "outside" in err
+
+
+@pytest.mark.parametrize("n", [7, 5000, 70_000])
+def test_native_sweep_equals_the_torch_path_with_ties_in_order(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C path of a sweep against the torch path, sparsity by sparsity: counts exact,
+    sums to the last bits a summation order allows; with a plateau of equal scores straddling
+    chunks, so that some thresholds keep only part of their ties (taken in flat order)."""
+    from fapm_cli.compute import native, scoring
+    from fapm_cli.compute import score as compute_score
+
+    if native.kernels() is None:
+        pytest.skip("the C kernels are not built")
+    monkeypatch.setattr(scoring, "FUSED_CHUNK", 1000)
+    gen = torch.Generator().manual_seed(n)
+    b = (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)
+    f = (b.float() + torch.randn(n, generator=gen) * 5e-4).to(torch.bfloat16)
+    b[n // 5 : n // 2], f[n // 5 : n // 2] = 0.01, 0.0105  # equal scores: ties at 0.7, 0.8
+    b[:2] = 0.0
+    sparsities = [Fraction(x) for x in ("0", "3/10", "7/10", "8/10", "9/10", "1")]
+    ws = scoring.Workspace()
+    got = compute_score.score_sweep("t", b, f, sparsities, 0.7, None, ws)
+    for s, g in zip(sparsities, got, strict=True):
+        w = compute_score._score_torch("t", b, f, s, 0.7, None, ws)
+        for name in ("numel", "base_nonzero", "positive", "kept", "overlap"):
+            assert getattr(g, name) == getattr(w, name), (s, name)
+        for name in ("abs_tau", "abs_base", "rel", "sq", "sq_fapm", "sq_magnitude"):
+            assert getattr(g, name) == pytest.approx(getattr(w, name), rel=1e-12), (s, name)

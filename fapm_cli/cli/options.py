@@ -242,6 +242,22 @@ DensityOpt = Annotated[
 ]
 
 
+def sparsities_of(sparsity: str | None, density: str | None, command: str) -> list[Fraction]:
+    """A comma-separated list of sparsities (or densities), each as ``sparsity_of`` reads it:
+    the sweep ``fapm score --sparsity 0.5,0.7,0.9`` takes."""
+    given = sparsity if sparsity is not None else density
+    if given is None or "," not in given:
+        return [sparsity_of(sparsity, density, command)]
+    parts = [p.strip() for p in given.split(",")]
+    if not all(parts):
+        raise UsageError(f"empty entry in {given!r}", hint=f"e.g. fapm {command} -s 0.5,0.7,0.9")
+    as_sparsity = density is None
+    return [
+        sparsity_of(p if as_sparsity else sparsity, None if as_sparsity else p, command)
+        for p in parts
+    ]
+
+
 def sparsity_of(sparsity: str | None, density: str | None, command: str) -> Fraction:
     """``--sparsity``, or ``1 - --density``, exactly (default 0.9); both at once is refused."""
     from fapm_cli.plan import parse_sparsity

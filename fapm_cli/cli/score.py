@@ -24,7 +24,7 @@ from fapm_cli.cli.options import (
     exit_codes,
     parse_size_option,
     quiet_libraries,
-    sparsity_of,
+    sparsities_of,
     use_device,
 )
 from fapm_cli.errors import UsageError
@@ -45,6 +45,7 @@ Examples:
 \b
   fapm score -b ./llama-base -f ./llama-sft -s 0.9
   fapm score -b base/ -f sft/ --sort mean_rel_change --top 20
+  fapm score -b base/ -f sft/ -s 0.5,0.7,0.8,0.9,0.95,0.99
   fapm score -b base/ -f sft/ --format csv > scores.csv
   fapm score -b base/ -f sft/ --plot forgetting.html --save-scores ./scores
 
@@ -61,8 +62,8 @@ def score(
             "--sparsity",
             "-s",
             metavar="S",
-            help="Sparsity at which the fapm and magnitude masks are compared, in [0, 1]. "
-            "[default: 0.9]",
+            help="Sparsity at which the fapm and magnitude masks are compared, in [0, 1]; "
+            "several, comma-separated (0.5,0.7,0.9), in one pass. [default: 0.9]",
             show_default=False,
         ),
     ] = None,
@@ -134,25 +135,33 @@ def score(
     from fapm_cli.report.score import (
         check_plot_path,
         print_score,
+        print_sweep,
         report_csv,
         score_json,
+        sweep_csv,
+        sweep_json,
         write_plot,
     )
-    from fapm_cli.verbs.score import score as run
+    from fapm_cli.verbs.score import sweep
 
-    frac = sparsity_of(sparsity, density, "score")
+    fracs = sparsities_of(sparsity, density, "score")
     if json_out:  # the flag every command has; same as --format json
         if fmt is OutputFormat.csv:
             raise UsageError("--json and --format csv exclude each other")
         fmt = OutputFormat.json
     if plot is not None:
+        if len(fracs) > 1:
+            raise UsageError(
+                "--plot draws the heat map of one sparsity; this run has several",
+                hint="run --plot with one --sparsity",
+            )
         check_plot_path(plot, overwrite)  # before the heavy work
     budget_bytes = parse_size_option(disk_budget, "score")
     with quiet_libraries(quiet):
-        result = run(
+        results = sweep(
             base,
             finetuned,
-            frac,
+            fracs,
             lam,
             save_scores=save_scores,
             overwrite=overwrite,
@@ -163,12 +172,21 @@ def score(
         )
     if sort is None and top is not None:
         sort = SortKey.MEAN_REL_CHANGE  # the first N worth showing are the riskiest
-    rows = sort_tensors(result.tensors, sort, top)
+    rows = [sort_tensors(r.tensors, sort, top) for r in results]
+    if len(results) > 1:  # a sweep: one report per sparsity
+        if fmt is OutputFormat.json:
+            emit_json(sweep_json(results, rows, sort, top))
+        elif fmt is OutputFormat.csv:
+            typer.echo(sweep_csv(results, rows), nl=False)
+        elif not quiet:
+            print_sweep(results)
+        return
+    result = results[0]
     if plot is not None:
         write_plot(result, plot, plot_metric, overwrite)
     if fmt is OutputFormat.json:
-        emit_json(score_json(result, rows, sort, top, plot))
+        emit_json(score_json(result, rows[0], sort, top, plot))
     elif fmt is OutputFormat.csv:
-        typer.echo(report_csv(result, rows), nl=False)
+        typer.echo(report_csv(result, rows[0]), nl=False)
     elif not quiet:
-        print_score(result, rows)
+        print_score(result, rows[0])

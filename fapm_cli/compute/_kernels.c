@@ -37,7 +37,7 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { M_FAPM = 0, M_MAGNITUDE = 1, M_RATIO = 2 };
 
 /* Bumped whenever a signature or a result changes; native.py refuses a stale build. */
-#define ABI_VERSION 2
+#define ABI_VERSION 4
 
 #define BLOCK 1024 /* elements per inner block: its float scratch stays in L1 */
 #define BINS 65536
@@ -313,6 +313,216 @@ HOT API double fapm_select_write(const int32_t *keys, int64_t n, int32_t t, int6
     *kept = nkept;
     *ties_used = ties;
     return s;
+}
+
+/* -- fapm score: the statistics of both masks, for one or many sparsities ------------------
+ *
+ * Score keeps no key array: each pass recomputes an element's FAPM key and its magnitude key
+ * (|tau|'s bits) from the inputs, which costs what reading stored keys would (4 bytes per
+ * element of bfloat16 inputs) and saves 4 bytes per element of memory. SCORE_KEYS fills, for
+ * one block, the FAPM and magnitude keys, tau^2 and (when asked) |tau|, |base|, |tau|/|base|
+ * (0 where base == 0) and the FAPM score (-inf where base == 0): the same IEEE operations as
+ * fapm_score_keys, in vectorisable loops; the histograms and masks work on those arrays. */
+#define SCORE_KEYS(B, F, FULL)                                                                  \
+    for (int64_t i = 0; i < m; i++) {                                                           \
+        float b = B(i);                                                                         \
+        float a = __builtin_fabsf(F(i) - b);                                                    \
+        float ab = __builtin_fabsf(b);                                                          \
+        float r = a / ab;                                                                       \
+        float sc = b == 0 ? -__builtin_inff() : a - r * coef;                                   \
+        kf[i] = key_of(sc);                                                                     \
+        km[i] = key_of(a);                                                                      \
+        a2[i] = a * a;                                                                          \
+        if (FULL) {                                                                             \
+            aa[i] = a;                                                                          \
+            bb[i] = ab;                                                                         \
+            rr[i] = b != 0 ? r : 0.0f;                                                          \
+            ss[i] = sc;                                                                         \
+        }                                                                                       \
+    }
+
+#define BLOCK_KEYS(FULL)                                                                        \
+    do {                                                                                        \
+        if (bdt == DT_BF16 && fdt == DT_BF16) {                                                 \
+            const uint16_t *bp = (const uint16_t *)base + c, *fp = (const uint16_t *)ft + c;    \
+            SCORE_KEYS(BB, FB, FULL);                                                           \
+        } else if (bdt == DT_F32 && fdt == DT_F32) {                                            \
+            const float *bp = (const float *)base + c, *fp = (const float *)ft + c;             \
+            SCORE_KEYS(BF, FF, FULL);                                                           \
+        } else {                                                                                \
+            SCORE_KEYS(BG, FG, FULL);                                                           \
+        }                                                                                       \
+    } while (0)
+
+/* The first pass over one chunk: stats[0..3] += sum |tau|, sum |base|, sum |tau|/|base| (base
+ * != 0), sum tau^2 (float64, 8 lanes each, in element order); counts[0..1] += entries with
+ * base != 0, entries with FAPM score > 0. Optional outputs (NULL: not wanted): the FAPM and
+ * magnitude keys, the top-16-bit histograms of both (4 interleaved uint32 copies each, as
+ * fapm_score_keys), the FAPM scores as float32. Returns the chunk's sum tau^2 (not finite
+ * exactly when an input is not, or tau^2 overflowed). */
+HOT API double fapm_score_pass(int bdt, int fdt, const void *base, const void *ft, int64_t n,
+                               float coef, int32_t *keys_f, int32_t *keys_m, uint32_t *hist_f,
+                               uint32_t *hist_m, float *scores, double *stats,
+                               int64_t *counts) {
+    double l_tau[8] = {0}, l_base[8] = {0}, l_rel[8] = {0}, l_sq[8] = {0};
+    int64_t nz = 0, pos = 0;
+    int32_t kf[BLOCK], km[BLOCK];
+    float a2[BLOCK], aa[BLOCK], bb[BLOCK], rr[BLOCK], ss[BLOCK];
+    for (int64_t c = 0; c < n; c += BLOCK) {
+        int64_t m = n - c < BLOCK ? n - c : BLOCK;
+        BLOCK_KEYS(1);
+        add_lanes(l_tau, aa, m);
+        add_lanes(l_base, bb, m);
+        add_lanes(l_rel, rr, m);
+        add_lanes(l_sq, a2, m);
+        for (int64_t i = 0; i < m; i++) {
+            nz += bb[i] != 0;
+            pos += ss[i] > 0;
+        }
+        if (keys_f) memcpy(keys_f + c, kf, (size_t)m * 4);
+        if (keys_m) memcpy(keys_m + c, km, (size_t)m * 4);
+        if (scores) memcpy(scores + c, ss, (size_t)m * 4);
+        if (hist_f) {
+            int64_t i;
+            for (i = 0; i + 2 <= m; i += 2) {
+                hist_f[(kf[i] >> 16) + 32768]++;
+                hist_m[(km[i] >> 16) + 32768]++;
+                hist_f[BINS + (kf[i + 1] >> 16) + 32768]++;
+                hist_m[BINS + (km[i + 1] >> 16) + 32768]++;
+            }
+            for (; i < m; i++) {
+                hist_f[(kf[i] >> 16) + 32768]++;
+                hist_m[(km[i] >> 16) + 32768]++;
+            }
+        }
+    }
+    double t = 0, bs = 0, r = 0, q = 0;
+    for (int j = 0; j < 8; j++) {
+        t += l_tau[j];
+        bs += l_base[j];
+        r += l_rel[j];
+        q += l_sq[j];
+    }
+    stats[0] += t;
+    stats[1] += bs;
+    stats[2] += r;
+    stats[3] += q;
+    counts[0] += nz;
+    counts[1] += pos;
+    return q;
+}
+
+/* The second radix level of both methods for many thresholds at once: lut_f[top 16 bits +
+ * 32768] is the slot (0, 1, ...) of a bucket some sparsity's threshold falls in, or -1; the
+ * low 16 bits of every FAPM key in a slotted bucket are counted in hist_f[slot * 65536 + ...].
+ * The same for magnitude keys with lut_m, hist_m. */
+HOT API void fapm_score_bucket(int bdt, int fdt, const void *base, const void *ft, int64_t n,
+                               float coef, const int16_t *lut_f, int64_t *hist_f,
+                               const int16_t *lut_m, int64_t *hist_m) {
+    int32_t kf[BLOCK], km[BLOCK];
+    float a2[BLOCK], *aa = NULL, *bb = NULL, *rr = NULL, *ss = NULL;
+    (void)aa, (void)bb, (void)rr, (void)ss;
+    for (int64_t c = 0; c < n; c += BLOCK) {
+        int64_t m = n - c < BLOCK ? n - c : BLOCK;
+        BLOCK_KEYS(0);
+        for (int64_t i = 0; i < m; i++) {
+            int sf = lut_f[(kf[i] >> 16) + 32768], sm = lut_m[(km[i] >> 16) + 32768];
+            if (sf >= 0) hist_f[(int64_t)sf * BINS + (kf[i] & 0xFFFF)]++;
+            if (sm >= 0) hist_m[(int64_t)sm * BINS + (km[i] & 0xFFFF)]++;
+        }
+    }
+}
+
+/* How many FAPM keys of one chunk equal each tf[j] (added to eq_f[j]), and magnitude keys
+ * each tm[j] (eq_m[j]): the tie counts that let fapm_score_final run chunks independently. */
+HOT API void fapm_score_count(int bdt, int fdt, const void *base, const void *ft, int64_t n,
+                              float coef, int ms, const int32_t *tf, const int32_t *tm,
+                              int64_t *eq_f, int64_t *eq_m) {
+    int32_t kf[BLOCK], km[BLOCK];
+    float a2[BLOCK], *aa = NULL, *bb = NULL, *rr = NULL, *ss = NULL;
+    (void)aa, (void)bb, (void)rr, (void)ss;
+    for (int64_t c = 0; c < n; c += BLOCK) {
+        int64_t m = n - c < BLOCK ? n - c : BLOCK;
+        BLOCK_KEYS(0);
+        for (int j = 0; j < ms; j++) {
+            int64_t x = 0, y = 0;
+            for (int64_t i = 0; i < m; i++) {
+                x += kf[i] == tf[j];
+                y += km[i] == tm[j];
+            }
+            eq_f[j] += x;
+            eq_m[j] += y;
+        }
+    }
+}
+
+/* keep[i] for one block: keys > t, then keys equal to t while *ties > 0 (decremented as they
+ * are taken, in flat order; INT64_MAX: all of them, in one vectorisable loop). Returns how
+ * many are kept; lane[] gets the kept x (float64, 8 lanes in element order). */
+static inline int64_t keep_block(const int32_t *k, int64_t m, int32_t t, int64_t *ties,
+                                 const float *x, uint8_t *keep, double lane[8]) {
+    int64_t kept = 0;
+    if (*ties == 0 || *ties == INT64_MAX) {
+        int32_t take_eq = *ties != 0;
+        for (int64_t i = 0; i < m; i++) keep[i] = (k[i] > t) | (take_eq & (k[i] == t));
+    } else {
+        for (int64_t i = 0; i < m; i++) {
+            int32_t y = k[i] > t;
+            if (k[i] == t && *ties > 0) {
+                y = 1;
+                (*ties)--;
+            }
+            keep[i] = (uint8_t)y;
+        }
+    }
+    float kx[BLOCK];
+    for (int64_t i = 0; i < m; i++) {
+        kx[i] = keep[i] ? x[i] : 0.0f;
+        kept += keep[i];
+    }
+    add_lanes(lane, kx, m);
+    return kept;
+}
+
+/* Both masks of one chunk for each of m sparsities: sparsity j keeps the FAPM keys > tf[j],
+ * then keys equal to tf[j] while ties_f[j] > 0 (see keep_block; updated), and likewise for
+ * magnitude (tm, ties_m). Adds to sq_f[j], sq_m[j] the kept tau^2 (float64, 8 lanes each in
+ * element order, lanes summed at the end), to kept_f[j], kept_m[j] the kept counts, to
+ * overlap[j] the entries both keep. */
+#define MAXS 64
+HOT API int fapm_score_final(int bdt, int fdt, const void *base, const void *ft, int64_t n,
+                             float coef, int ms, const int32_t *tf, int64_t *ties_f,
+                             const int32_t *tm, int64_t *ties_m, double *sq_f, double *sq_m,
+                             int64_t *kept_f, int64_t *kept_m, int64_t *overlap) {
+    if (ms < 1 || ms > MAXS) return -1;
+    double lf[MAXS][8], lm[MAXS][8];
+    int32_t kf[BLOCK], km[BLOCK];
+    float a2[BLOCK], *aa = NULL, *bb = NULL, *rr = NULL, *ss = NULL;
+    uint8_t keep_f[BLOCK], keep_m[BLOCK];
+    (void)aa, (void)bb, (void)rr, (void)ss;
+    for (int j = 0; j < ms; j++)
+        for (int l = 0; l < 8; l++) lf[j][l] = lm[j][l] = 0;
+    for (int64_t c = 0; c < n; c += BLOCK) {
+        int64_t m = n - c < BLOCK ? n - c : BLOCK;
+        BLOCK_KEYS(0);
+        for (int j = 0; j < ms; j++) {
+            kept_f[j] += keep_block(kf, m, tf[j], &ties_f[j], a2, keep_f, lf[j]);
+            kept_m[j] += keep_block(km, m, tm[j], &ties_m[j], a2, keep_m, lm[j]);
+            int64_t both = 0;
+            for (int64_t i = 0; i < m; i++) both += keep_f[i] & keep_m[i];
+            overlap[j] += both;
+        }
+    }
+    for (int j = 0; j < ms; j++) {
+        double x = 0, y = 0;
+        for (int l = 0; l < 8; l++) {
+            x += lf[j][l];
+            y += lm[j][l];
+        }
+        sq_f[j] += x;
+        sq_m[j] += y;
+    }
+    return 0;
 }
 
 static struct PyModuleDef kernels_module = {

@@ -16,12 +16,13 @@ from functools import cache
 
 import torch
 
-ABI_VERSION = 2
+ABI_VERSION = 4
 ENV = "FAPM_NATIVE"  # "0": use the torch path (for comparisons and troubleshooting)
 
 # The dtype codes of _kernels.c. Scores are float32 for these; float64 inputs use torch.
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 METHODS = {"fapm": 0, "magnitude": 1, "ratio": 2}
+MAX_SWEEP = 64  # sparsities one score pass can take (MAXS in _kernels.c)
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -83,6 +84,88 @@ class Kernels:
         """Add the 4 interleaved uint32 histograms ``counts`` into ``hist`` and zero them."""
         self.lib.fapm_hist_flush(counts.data_ptr(), hist.data_ptr())
 
+    def score_pass(
+        self,
+        base: torch.Tensor,
+        finetuned: torch.Tensor,
+        coef: float,
+        stats: torch.Tensor,
+        counts: torch.Tensor,
+        *,
+        keys: tuple[torch.Tensor, torch.Tensor] | None = None,
+        hists: tuple[torch.Tensor, torch.Tensor] | None = None,
+        scores: torch.Tensor | None = None,
+    ) -> float:
+        """``fapm score``'s first pass over one chunk (see _kernels.c): adds to ``stats``
+        (4 float64: sum |tau|, |base|, |tau|/|base|, tau^2) and ``counts`` (2 int64: base != 0,
+        score > 0); optionally the FAPM and magnitude keys, their top-16-bit histograms (4 x
+        65536 uint32 each) and the FAPM scores (float32). Returns the chunk's sum tau^2."""
+        kf, km = (k.data_ptr() for k in keys) if keys is not None else (None, None)
+        hf, hm = (h.data_ptr() for h in hists) if hists is not None else (None, None)
+        return float(
+            self._for(base.numel()).fapm_score_pass(
+                DTYPES[base.dtype], DTYPES[finetuned.dtype], base.data_ptr(),
+                finetuned.data_ptr(), base.numel(), coef, kf, km, hf, hm,
+                None if scores is None else scores.data_ptr(), stats.data_ptr(),
+                counts.data_ptr(),
+            )
+        )  # fmt: skip
+
+    def score_bucket(
+        self,
+        base: torch.Tensor,
+        finetuned: torch.Tensor,
+        coef: float,
+        luts: tuple[torch.Tensor, torch.Tensor],
+        hists: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Second radix level of both methods' keys in the slotted buckets (``luts``: int16
+        slot per top-16-bit bucket, -1 for none; ``hists``: int64, 65536 per slot)."""
+        self._for(base.numel()).fapm_score_bucket(
+            DTYPES[base.dtype], DTYPES[finetuned.dtype], base.data_ptr(), finetuned.data_ptr(),
+            base.numel(), coef, luts[0].data_ptr(), hists[0].data_ptr(), luts[1].data_ptr(),
+            hists[1].data_ptr(),
+        )  # fmt: skip
+
+    def score_final(
+        self,
+        base: torch.Tensor,
+        finetuned: torch.Tensor,
+        coef: float,
+        rules: torch.Tensor,
+        ties: torch.Tensor,
+        sums: torch.Tensor,
+        counts: torch.Tensor,
+    ) -> None:
+        """Both masks of one chunk for m sparsities: ``rules`` (2, m) int32 keys (FAPM, then
+        magnitude), ``ties`` (2, m) int64 ties left (INT64_MAX: all; updated), ``sums`` (2, m)
+        float64 kept tau^2 and ``counts`` (3, m) int64 kept and overlap, added to."""
+        m = rules.shape[1]
+        rc = self._for(base.numel()).fapm_score_final(
+            DTYPES[base.dtype], DTYPES[finetuned.dtype], base.data_ptr(), finetuned.data_ptr(),
+            base.numel(), coef, m, rules[0].data_ptr(), ties[0].data_ptr(),
+            rules[1].data_ptr(), ties[1].data_ptr(), sums[0].data_ptr(), sums[1].data_ptr(),
+            counts[0].data_ptr(), counts[1].data_ptr(), counts[2].data_ptr(),
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError(f"{m} sparsities in one pass; at most {MAX_SWEEP}")
+
+    def score_count(
+        self,
+        base: torch.Tensor,
+        finetuned: torch.Tensor,
+        coef: float,
+        rules: torch.Tensor,
+        eq: torch.Tensor,
+    ) -> None:
+        """Per method and sparsity, how many keys of one chunk equal ``rules`` (2, m) int32;
+        added to ``eq`` (2, m) int64."""
+        self._for(base.numel()).fapm_score_count(
+            DTYPES[base.dtype], DTYPES[finetuned.dtype], base.data_ptr(), finetuned.data_ptr(),
+            base.numel(), coef, rules.shape[1], rules[0].data_ptr(), rules[1].data_ptr(),
+            eq[0].data_ptr(), eq[1].data_ptr(),
+        )  # fmt: skip
+
     def count_eq(self, keys: torch.Tensor, t: int) -> int:
         n = keys.numel()
         return int(self._for(n).fapm_count_eq(keys.data_ptr(), n, t))
@@ -121,6 +204,23 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fapm_select_small.restype = ctypes.c_int
     lib.fapm_hist_flush.argtypes = [_P, _P]
     lib.fapm_hist_flush.restype = None
+    lib.fapm_score_pass.argtypes = [
+        ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, _P, _P, _P, _P, _P, _P, _P,
+    ]  # fmt: skip
+    lib.fapm_score_pass.restype = ctypes.c_double
+    lib.fapm_score_bucket.argtypes = [
+        ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, _P, _P, _P, _P,
+    ]  # fmt: skip
+    lib.fapm_score_bucket.restype = None
+    lib.fapm_score_final.argtypes = [
+        ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, ctypes.c_int,
+        _P, _P, _P, _P, _P, _P, _P, _P, _P,
+    ]  # fmt: skip
+    lib.fapm_score_final.restype = ctypes.c_int
+    lib.fapm_score_count.argtypes = [
+        ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, ctypes.c_int, _P, _P, _P, _P,
+    ]  # fmt: skip
+    lib.fapm_score_count.restype = None
     lib.fapm_count_eq.argtypes = [_P, _I64, ctypes.c_int32]
     lib.fapm_count_eq.restype = ctypes.c_int64
     lib.fapm_select_write.argtypes = [

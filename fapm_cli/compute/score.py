@@ -7,25 +7,33 @@ Per tensor pair (float tensors in both checkpoints, paired as ``prune`` pairs th
   base == 0 are excluded and counted in ``base_zero``; the ratio is undefined there);
 - ``positive_score_fraction``: share of entries whose FAPM score S is > 0, i.e. whose absolute
   update outweighs the forgetting penalty (S = -inf where base == 0, so those never count);
-- at the given sparsity, the share of ||tau||^2 kept by the fapm mask and by the magnitude mask,
-  and the Jaccard overlap of the two masks. The masks come from ``prune.iter_keep_masks``, so
-  they are exactly the ones ``prune`` would apply.
+- at each given sparsity, the share of ||tau||^2 kept by the fapm mask and by the magnitude
+  mask, and the Jaccard overlap of the two masks: exactly the masks ``prune`` would apply (the
+  same keys, thresholds and tie rule).
 
 Sums are accumulated in float64; element-wise math is in the compute dtype (float32, float64 for
 float64 inputs), as in ``prune``.
+
+With the C kernels, a tensor takes three passes over its inputs whatever the number of
+sparsities (a sweep, ``--sparsity 0.5,0.7,0.9``): the first computes every sparsity-free figure
+and both methods' top-16-bit histograms, the second counts the buckets every threshold falls
+in, the third both masks' figures for every sparsity at once. No key array is kept: each pass
+recomputes the keys from the inputs, which costs what reading them back would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import torch
 
-from fapm_cli.compute import scoring
-from fapm_cli.compute.prune import iter_keep_masks
-from fapm_cli.compute.scoring import Workspace
-from fapm_cli.plan import Method, PruneOptions
+from fapm_cli.compute import native, scoring
+from fapm_cli.compute.prune import check_finite, iter_keep_masks
+from fapm_cli.compute.scoring import Threshold, Workspace
+from fapm_cli.plan import Method, PruneOptions, keep_count
 from fapm_cli.records import Sums
 
 
@@ -39,7 +47,268 @@ def score_tensor(
     ws: Workspace | None = None,
 ) -> Sums:
     """The figures of one tensor pair; ``write`` receives its FAPM scores (float32, in chunks)."""
+    return score_sweep(name, base, finetuned, [sparsity], lam, write, ws)[0]
+
+
+def score_sweep(
+    name: str,
+    base: torch.Tensor,
+    finetuned: torch.Tensor,
+    sparsities: Sequence[Fraction],
+    lam: float,
+    write: Callable[[torch.Tensor], None] | None = None,
+    ws: Workspace | None = None,
+) -> list[Sums]:
+    """The figures of one tensor pair at each sparsity (the sparsity-free ones shared);
+    ``write`` receives its FAPM scores (float32, in chunks, once)."""
     ws = ws or Workspace()
+    b = base.reshape(-1)
+    f = finetuned.reshape(-1)
+    cdt = scoring.compute_dtype(b.dtype, f.dtype)
+    kern = scoring.native_kernels(b, f, cdt) if ws.on_cpu and b.numel() else None
+    if kern is None or len(sparsities) > native.MAX_SWEEP:
+        return [
+            _score_torch(name, base, finetuned, s, lam, write if i == 0 else None, ws)
+            for i, s in enumerate(sparsities)
+        ]
+    return _score_native(kern, name, b, f, sparsities, lam, write, ws)
+
+
+ALL_TIES = (1 << 63) - 1  # "every key equal to the threshold is kept" in score_final
+
+
+def _rule(t: Threshold, n: int) -> tuple[int, int, bool]:
+    """(key, ties left, in order): score_final's form of a threshold; ``in order``: the ties
+    must be taken in flat order (the chunks cannot run independently)."""
+    if t.keep_all:
+        return -(1 << 31), ALL_TIES, False
+    if t.keep_none:
+        return (1 << 31) - 1, 0, False
+    return t.key, t.ties, t.ties > 0
+
+
+def _score_native(
+    kern: native.Kernels,
+    name: str,
+    b: torch.Tensor,
+    f: torch.Tensor,
+    sparsities: Sequence[Fraction],
+    lam: float,
+    write: Callable[[torch.Tensor], None] | None,
+    ws: Workspace,
+) -> list[Sums]:
+    n = b.numel()
+    ks = [keep_count(n, s) for s in sparsities]
+    # The coefficient prune ranks with (scoring.rank_tensor), so "S > 0" and both masks agree.
+    m = scoring.mean_abs(b, torch.float32, ws.workers)
+    coef = scoring.f32(scoring.f32(lam) * m)
+    step = scoring.FUSED_CHUNK
+    starts = range(0, n, step)
+    stats = torch.zeros(len(starts), 4, dtype=torch.float64)  # per chunk: summed in order
+    counts = torch.zeros(2, dtype=torch.int64)
+
+    def nonfinite(c: int) -> None:
+        check_finite(b[c : c + step], name, "base")
+        check_finite(f[c : c + step], name, "finetuned")
+
+    # Pass 1: the sparsity-free figures, and what selects each threshold.
+    small = n <= scoring.SMALL_TENSOR
+    if small:  # keys kept (a few kB), thresholds by radix select: no histogram per tensor
+        keys = (torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32))
+        scores = torch.empty(n, dtype=torch.float32) if write is not None else None
+        sq = kern.score_pass(b, f, coef, stats[0], counts, keys=keys, scores=scores)
+        if not math.isfinite(sq):
+            nonfinite(0)
+        if scores is not None and write is not None:
+            write(scores)
+        thresholds = [[scoring.small_threshold(kern, keys[j], k) for k in ks] for j in range(2)]
+    else:
+        hists = _pass1(kern, b, f, coef, stats, counts, starts, write, nonfinite, ws)
+        thresholds = _select(kern, b, f, coef, hists, ks, starts, ws)
+    sq_total = [float(x) for x in stats.sum(0)] if len(starts) > 1 else stats[0].tolist()
+    rules = [[_rule(t, n) for t in thresholds[j]] for j in range(2)]
+    keys_t = torch.tensor([[r[0] for r in rules[j]] for j in range(2)], dtype=torch.int32)
+    ties = torch.tensor([[r[1] for r in rules[j]] for j in range(2)], dtype=torch.int64)
+    in_order = any(r[2] for j in range(2) for r in rules[j])
+
+    # Pass 3: both masks at every sparsity, chunks in parallel. Where a threshold keeps only
+    # some of its ties (the first in flat order), each chunk's share is counted first.
+    sums = torch.zeros(len(starts), 2, len(ks), dtype=torch.float64)
+    quotas = ties.expand(len(starts), 2, len(ks)).clone()  # ties left per chunk
+    if in_order and len(starts) > 1:
+        eq = torch.zeros(len(starts), 2, len(ks), dtype=torch.int64)
+
+        def count(p: int, workers: int) -> torch.Tensor:
+            for i in range(p, len(starts), workers):
+                sl = slice(starts[i], starts[i] + step)
+                kern.score_count(b[sl], f[sl], coef, keys_t, eq[i])
+            return torch.zeros(1, dtype=torch.int64)
+
+        _on_workers(count, ws.workers, len(starts))
+        before = eq.cumsum(0) - eq  # ties in the chunks before each
+        partial = (ties != 0) & (ties != ALL_TIES)
+        share = (ties - before).clamp_(min=0).minimum(eq)
+        # A chunk that keeps all of its ties (or none) takes the vectorised rule; only the
+        # chunk where a quota runs out counts them one by one.
+        share = torch.where(share == eq, ALL_TIES, share)
+        quotas = torch.where(partial, share, quotas)
+
+    def final(p: int, workers: int) -> torch.Tensor:
+        mine = torch.zeros(3, len(ks), dtype=torch.int64)
+        for i in range(p, len(starts), workers):
+            sl = slice(starts[i], starts[i] + step)
+            kern.score_final(b[sl], f[sl], coef, keys_t, quotas[i], sums[i], mine)
+        return mine
+
+    kept = _on_workers(final, ws.workers, len(starts))
+    sq_kept = sums.sum(0) if len(starts) > 1 else sums[0]
+    out = []
+    for j, k in enumerate(ks):
+        if int(kept[0, j]) != k or int(kept[1, j]) != k:
+            raise AssertionError(f"{name}: masks keep {kept[:2, j].tolist()}, expected {k}")
+        out.append(
+            Sums(
+                numel=n,
+                abs_tau=sq_total[0],
+                abs_base=sq_total[1],
+                rel=sq_total[2],
+                base_nonzero=int(counts[0]),
+                positive=int(counts[1]),
+                sq=sq_total[3],
+                sq_fapm=float(sq_kept[0, j]),
+                sq_magnitude=float(sq_kept[1, j]),
+                kept=k,
+                overlap=int(kept[2, j]),
+            )
+        )
+    return out
+
+
+def _on_workers(fn: Callable[[int, int], torch.Tensor], workers: int, chunks: int) -> torch.Tensor:
+    """``fn(part, workers)`` for each part on its own thread (parts take chunks part, part +
+    workers, ...); the results, which are integer counts, summed."""
+    workers = max(1, min(workers, chunks))
+    if workers == 1:
+        return fn(0, 1)
+    with ThreadPoolExecutor(workers, thread_name_prefix="fapm-score") as pool:
+        return torch.stack(list(pool.map(fn, range(workers), [workers] * workers))).sum(0)
+
+
+def _pass1(
+    kern: native.Kernels,
+    b: torch.Tensor,
+    f: torch.Tensor,
+    coef: float,
+    stats: torch.Tensor,
+    counts: torch.Tensor,
+    starts: range,
+    write: Callable[[torch.Tensor], None] | None,
+    nonfinite: Callable[[int], None],
+    ws: Workspace,
+) -> torch.Tensor:
+    """The first pass of a large tensor: ``stats`` per chunk, ``counts``, and the (2, 65536)
+    top-16-bit histograms of the FAPM and magnitude keys. Scores are written in order (one
+    thread); otherwise the chunks run on the scoring threads."""
+    step = starts.step
+
+    def part(p: int, workers: int) -> torch.Tensor:
+        hists = torch.zeros(2, 4 * (1 << 16), dtype=torch.int32)  # uint32 counters
+        total = torch.zeros(2, 1 << 16, dtype=torch.int64)
+        mine = torch.zeros(2, dtype=torch.int64)
+        pending = 0
+        for i in range(p, len(starts), workers):
+            c = starts[i]
+            sl = slice(c, c + step)
+            # a fresh buffer per chunk: the writer may still hold the one before
+            out = (
+                None
+                if write is None
+                else torch.empty(min(step, b.numel() - c), dtype=torch.float32)
+            )
+            sq = kern.score_pass(
+                b[sl], f[sl], coef, stats[i], mine, hists=(hists[0], hists[1]), scores=out
+            )
+            if not math.isfinite(sq):
+                nonfinite(c)
+            if out is not None and write is not None:
+                write(out)
+            pending += step
+            if pending >= 1 << 31 or i + workers >= len(starts):  # before a counter wraps
+                kern.hist_flush(hists[0], total[0])
+                kern.hist_flush(hists[1], total[1])
+                pending = 0
+        return torch.cat([total.reshape(-1), mine])
+
+    both = _on_workers(part, 1 if write is not None else ws.workers, len(starts))
+    counts += both[-2:]
+    return both[:-2].reshape(2, 1 << 16)
+
+
+def _select(
+    kern: native.Kernels,
+    b: torch.Tensor,
+    f: torch.Tensor,
+    coef: float,
+    hists: torch.Tensor,
+    ks: Sequence[int],
+    starts: range,
+    ws: Workspace,
+) -> list[list[Threshold]]:
+    """Every sparsity's exact threshold for both methods: the top buckets from ``hists``, then
+    one pass that counts the low 16 bits inside all of them (one slot per distinct bucket)."""
+    n = b.numel()
+    step = starts.step
+    found: list[list[tuple[int, int] | None]] = [
+        [scoring.top_bucket(hists[j], k) if 0 < k < n else None for k in ks] for j in range(2)
+    ]
+    slots = [sorted({x[0] for x in found[j] if x is not None}) for j in range(2)]
+    luts = torch.full((2, 1 << 16), -1, dtype=torch.int16)
+    for j in range(2):
+        for slot, bucket in enumerate(slots[j]):
+            luts[j, bucket] = slot
+    width = max(1, len(slots[0])) * (1 << 16), max(1, len(slots[1])) * (1 << 16)
+    if any(slots):
+
+        def part(p: int, workers: int) -> torch.Tensor:
+            mine = torch.zeros(width[0] + width[1], dtype=torch.int64)
+            for i in range(p, len(starts), workers):
+                sl = slice(starts[i], starts[i] + step)
+                kern.score_bucket(b[sl], f[sl], coef, (luts[0], luts[1]),
+                                  (mine[: width[0]], mine[width[0] :]))  # fmt: skip
+            return mine
+
+        inside = _on_workers(part, ws.workers, len(starts))
+    else:
+        inside = torch.zeros(width[0] + width[1], dtype=torch.int64)
+    per = (inside[: width[0]].view(-1, 1 << 16), inside[width[0] :].view(-1, 1 << 16))
+    out: list[list[Threshold]] = []
+    for j in range(2):
+        row = []
+        for k, at in zip(ks, found[j], strict=True):
+            if at is None:
+                row.append(
+                    Threshold(0, 0, keep_all=True) if k >= n else Threshold(0, 0, keep_none=True)
+                )
+                continue
+            bucket, above = at
+            row.append(
+                scoring.threshold_in_bucket(bucket, above, per[j][slots[j].index(bucket)], k)
+            )
+        out.append(row)
+    return out
+
+
+def _score_torch(
+    name: str,
+    base: torch.Tensor,
+    finetuned: torch.Tensor,
+    sparsity: Fraction,
+    lam: float,
+    write: Callable[[torch.Tensor], None] | None,
+    ws: Workspace,
+) -> Sums:
+    """``score_sweep`` for one sparsity with torch operations (no C kernels, float64 inputs,
+    --device cuda): the masks of ``prune.iter_keep_masks`` and the sums chunk by chunk."""
     b = base.reshape(-1)
     f = finetuned.reshape(-1)
     n = b.numel()

@@ -375,7 +375,7 @@ def select_from_top_histogram(
     if k <= 0:
         return Threshold(0, 0, keep_none=True)
     bucket, above = _bucket_walk(hist0, k)
-    low = (bucket - (_DIGITS >> 1)) << 16  # smallest key in the bucket
+    low = bucket_low(bucket)
     lo_b = max(low - 1, -(1 << 31))
     hi_b = min(low + _DIGITS, (1 << 31) - 1)
     plain = keys.device.type == "cpu" and keys.dtype == torch.int32 and keys.is_contiguous()
@@ -394,12 +394,43 @@ def select_from_top_histogram(
             clamped = keys[c : c + CHUNK].clamp(lo_b, hi_b).sub_(lo_b)
             hist1 += torch.bincount(clamped, minlength=hist1.numel())
         inside = hist1[low - lo_b : low - lo_b + _DIGITS]
+    return threshold_in_bucket(bucket, above, inside, k)
+
+
+def top_bucket(hist0: torch.Tensor, k: int) -> tuple[int, int]:
+    """The top-16-bit bucket (bin of ``hist0``) holding the k-th largest key (0 < k < n), and
+    how many keys lie in the buckets above it."""
+    return _bucket_walk(hist0, k)
+
+
+def bucket_low(bucket: int) -> int:
+    """The smallest int32 key in top-16-bit bucket ``bucket`` (bins are in signed order)."""
+    return (bucket - (_DIGITS >> 1)) << 16
+
+
+def threshold_in_bucket(bucket: int, above: int, inside: torch.Tensor, k: int) -> Threshold:
+    """The exact threshold, given the bucket of the k-th largest key, the keys above that
+    bucket and the histogram of the low 16 bits of the keys inside it."""
     digit, above_in = _bucket_walk(inside, k - above)
-    key = low + digit
+    key = bucket_low(bucket) + digit
     ties = k - above - above_in
     if key > -(1 << 31) and int(inside[digit]) == ties:
         # Every key equal to the threshold is kept: "keys > key - 1" is the whole mask, and
         # the per-chunk tie ranking (a cumsum) is skipped.
+        return Threshold(key - 1, 0)
+    return Threshold(key, ties)
+
+
+def small_threshold(kern: native.Kernels, keys: torch.Tensor, k: int) -> Threshold:
+    """The exact threshold of a few int32 keys (``native.select_small``); the same as the
+    histogram path's, including its form when every tie is kept."""
+    if k >= keys.numel():
+        return Threshold(0, 0, keep_all=True)
+    if k <= 0:
+        return Threshold(0, 0, keep_none=True)
+    key, above, eq = kern.select_small(keys, k)
+    ties = k - above
+    if key > -(1 << 31) and eq == ties:  # as threshold_in_bucket
         return Threshold(key - 1, 0)
     return Threshold(key, ties)
 
@@ -606,7 +637,7 @@ def rank_tensor(
 SMALL_TENSOR = 1 << 16
 
 
-def _f32(x: float) -> float:
+def f32(x: float) -> float:
     """``x`` rounded to float32 (as ``torch.tensor(x, dtype=torch.float32)`` rounds it)."""
     try:
         return float(struct.unpack("f", struct.pack("f", x))[0])
@@ -631,24 +662,14 @@ def _rank_small(
     (one chunk: its sum is the kernel's), ``lam`` rounded, and their product is exact in
     float64 (24-bit significands) before its one rounding to float32."""
     n = base.numel()
-    m = _f32(kern.sum_abs(base) / n) if method is Method.FAPM and n else 0.0
-    coef = _f32(_f32(lam) * m)
+    m = f32(kern.sum_abs(base) / n) if method is Method.FAPM and n else 0.0
+    coef = f32(f32(lam) * m)
     keys = owner.take(n, torch.int32)
     try:
         sq = kern.score_keys(method.value, base, finetuned, coef, keys, None)
         if not math.isfinite(sq):
             on_nonfinite(0, n)
-        if k >= n:
-            threshold = Threshold(0, 0, keep_all=True)
-        elif k <= 0:
-            threshold = Threshold(0, 0, keep_none=True)
-        else:
-            key, above, eq = kern.select_small(keys, k)
-            ties = k - above
-            # As select_from_top_histogram: all ties kept -> "keys > key - 1", no tie ranking.
-            threshold = (
-                Threshold(key - 1, 0) if key > -(1 << 31) and eq == ties else Threshold(key, ties)
-            )
+        threshold = small_threshold(kern, keys, k)
     except BaseException:
         owner.give_back(keys)
         raise

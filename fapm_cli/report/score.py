@@ -122,6 +122,67 @@ def score_json(
     }
 
 
+def sweep_json(
+    reports: Sequence[ForgettingReport],
+    rows: Sequence[list[TensorScore]],
+    sort: SortKey | None,
+    top: int | None,
+) -> dict[str, Any]:
+    """``fapm score --sparsity A,B,... --format json``: the single run's report object for
+    each sparsity, in the order given, under ``sweep`` (docs/commands/score.md)."""
+    return {
+        "schema": JSON_SCHEMA_VERSION,
+        "command": "score",
+        "fapm_version": __version__,
+        "sparsities": [float(r.sparsity) for r in reports],
+        "sweep": [report_json(r, t, sort, top) for r, t in zip(reports, rows, strict=True)],
+        "plot": None,
+    }
+
+
+def sweep_csv(reports: Sequence[ForgettingReport], rows: Sequence[list[TensorScore]]) -> str:
+    """The single run's CSV for each sparsity, one table, with a first column ``sparsity``."""
+    out = []
+    for i, (r, t) in enumerate(zip(reports, rows, strict=True)):
+        lines = report_csv(r, t).splitlines(keepends=True)
+        out += [f"sparsity,{lines[0]}"] if i == 0 else []
+        out += [f"{float(r.sparsity)!r},{line}" for line in lines[1:]]
+    return "".join(out)
+
+
+def print_sweep(reports: Sequence[ForgettingReport]) -> None:
+    """One row per sparsity: what each mask keeps of ||tau||^2 and how much they agree; the
+    sparsity-free figures once."""
+    from rich.table import Table
+
+    out = wide_console()
+    total = reports[0].total
+    pairs = [(n, lab) for n, lab in _SCORE_COLUMNS if n in _SWEEP_COLUMNS]
+    title = f"sparsity sweep (lam {reports[0].lam:g}; {len(reports[0].tensors)} tensors)"
+    if out.width < 70:  # stacked, as print_score does on a narrow terminal
+        out.print(title, style="bold", overflow="ellipsis", no_wrap=True)
+        for r in reports:
+            figs = " · ".join(f"{lab} {_figure(n, getattr(r.total, n))}" for n, lab in pairs)
+            out.print(f"s {float(r.sparsity):g}: {figs}", overflow="fold")
+    else:
+        t = Table(title=title, title_justify="left")
+        t.add_column("sparsity", justify="right")
+        for _, label in pairs:
+            t.add_column(label, justify="right", no_wrap=True)
+        for r in reports:
+            t.add_row(
+                f"{float(r.sparsity):g}", *(_figure(n, getattr(r.total, n)) for n, _ in pairs)
+            )
+        out.print(t)
+    shared = [(n, lab) for n, lab in _SCORE_COLUMNS if n not in _SWEEP_COLUMNS]
+    out.print(" · ".join(f"{lab} {_figure(n, getattr(total, n))}" for n, lab in shared))
+    out.print("per tensor, layer and module at each sparsity: --format json or --format csv")
+
+
+# The figures that depend on the sparsity (the rest are the same in every report of a sweep).
+_SWEEP_COLUMNS = ("fapm_sq_norm_kept_fraction", "magnitude_sq_norm_kept_fraction", "mask_jaccard")
+
+
 def _row(s: Sums) -> dict[str, float | int | None]:
     return figures(s)
 

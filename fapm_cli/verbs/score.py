@@ -9,10 +9,12 @@ the one loop (``reader.stream``: read-ahead, shards released after their last us
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
-from fapm_cli.compute.score import score_tensor
+from fapm_cli.compute.score import score_sweep
 from fapm_cli.compute.scoring import workspace
 from fapm_cli.io.header import DTYPES, PlannedTensor
 from fapm_cli.io.output import Output
@@ -37,6 +39,18 @@ def score(
     finetuned_source: str,
     sparsity: Fraction,
     lam: float = 1.0,
+    **options: Any,
+) -> ForgettingReport:
+    """Score every float tensor pair of ``finetuned`` against ``base`` at one sparsity (the
+    options of ``sweep``)."""
+    return sweep(base_source, finetuned_source, [sparsity], lam, **options)[0]
+
+
+def sweep(
+    base_source: str | None,
+    finetuned_source: str,
+    sparsities: Sequence[Fraction],
+    lam: float = 1.0,
     *,
     save_scores: str | None = None,
     overwrite: bool = False,
@@ -45,10 +59,14 @@ def score(
     disk_budget: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
-) -> ForgettingReport:
-    """Score every float tensor pair of ``finetuned`` against ``base``; writes no model.
+) -> list[ForgettingReport]:
+    """Score every float tensor pair of ``finetuned`` against ``base``, one report per
+    sparsity, in one pass over the inputs (the sparsity-free figures are shared); writes no
+    model.
 
     ``disk_budget``: as in ``verbs.prune.prune``; each Hub shard is deleted once scored."""
+    if not sparsities:
+        raise ValueError("no sparsity to score at")
     started = time.monotonic()
     progress = progress or NoProgress()
     show = bool(getattr(progress, "enabled", False))
@@ -56,7 +74,7 @@ def score(
         base = inputs.open_base(base_source, finetuned_source)
         side = inputs.open_finetuned(base, finetuned_source)
         finetuned = side.view
-        items = plan_prune(base, finetuned, PruneOptions(sparsity=sparsity, lam=lam))
+        items = plan_prune(base, finetuned, PruneOptions(sparsity=sparsities[0], lam=lam))
         scored = [i for i in items if i.action is Action.PRUNE]
         skipped = [i.name for i in items if i.action is not Action.PRUNE]
         if inputs.budget is not None:
@@ -72,7 +90,7 @@ def score(
             )
             planned = [PlannedTensor(i.name, DTYPES["F32"], i.out.shape) for i in scored]
             job = out.open(planned, metadata, {}, {})
-        results: list[TensorScore] = []
+        results: list[list[TensorScore]] = [[] for _ in sparsities]
         try:
             progress.start(sum(i.read_bytes for i in scored), "score")
             pair = Pair(base, finetuned, side.rebuild, inputs.base_rebuild())
@@ -85,18 +103,13 @@ def score(
                         write = job.writer.write
                     if item.resized:  # added tokens: the rows base has are scored
                         f = f.reshape(-1)[: b.numel()]
-                    sums = score_tensor(item.name, b, f, sparsity, lam, write, ws)
+                    sums = score_sweep(item.name, b, f, sparsities, lam, write, ws)
                     del b, f
-                    results.append(
-                        TensorScore(
-                            item.name,
-                            item.out.shape,
-                            item.out.dtype.name,
-                            layer_of(item.name),
-                            module_of(item.name),
-                            sums,
+                    where = layer_of(item.name), module_of(item.name)
+                    for row, one in zip(results, sums, strict=True):
+                        row.append(
+                            TensorScore(item.name, item.out.shape, item.out.dtype.name, *where, one)
                         )
-                    )
             if job is not None:
                 job.finish([])
         except BaseException:
@@ -105,13 +118,17 @@ def score(
             raise
         finally:
             progress.close()
-    return ForgettingReport(
-        base.source.provenance(),
-        finetuned.source.provenance(),
-        sparsity,
-        lam,
-        results,
-        skipped,
-        save_scores,
-        time.monotonic() - started,
-    )
+    seconds = time.monotonic() - started
+    return [
+        ForgettingReport(
+            base.source.provenance(),
+            finetuned.source.provenance(),
+            sparsity,
+            lam,
+            rows,
+            skipped,
+            save_scores,
+            seconds,
+        )
+        for sparsity, rows in zip(sparsities, results, strict=True)
+    ]
