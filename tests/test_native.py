@@ -7,6 +7,7 @@ replaces, bit for bit, including the inputs where float arithmetic is delicate."
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import shutil
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from fapm_cli import plan
 from fapm_cli.compute import native, scoring
@@ -381,3 +383,61 @@ def test_read_ahead_counts_against_brute_force() -> None:
             assert got[j] == min(a, reader.MAX_AHEAD), (held, read, limit, j)
     # many tiny items: capped by count, not only by bytes
     assert max(reader.ahead_counts([1] * 2000, [1] * 2000, 10**9)) == reader.MAX_AHEAD
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("delicate", [False, True], ids=["plain", "delicate"])
+def test_diff_is_the_same_on_both_paths(
+    tmp_path: Path, dtype: torch.dtype, delicate: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fapm diff's C delta (subtract, check, count in one pass) against the torch path: the
+    same files; with negative zeros and overflowing values the check fails in C too, and the
+    torch path re-plans exactly as before (whole values where no delta is exact)."""
+    from fapm_cli.compute.taskvector import reconstruct
+    from fapm_cli.verbs import diff as verbs_diff
+
+    monkeypatch.setattr(scoring, "CHUNK", 1000)  # many chunks per tensor
+    gen = torch.Generator().manual_seed(2)
+    if delicate:
+        b, f = _delicate(dtype)
+    else:
+        b = (torch.randn(5000, generator=gen) * 0.02).to(dtype)
+        f = (b.float() + torch.randn(5000, generator=gen) * 5e-4).to(dtype)
+    base, ft = {"w": b, "v": b[:77].clone()}, {"w": f, "v": f[:77].clone()}
+    bd = write_checkpoint(tmp_path / "b", base)
+    fd = write_checkpoint(tmp_path / "f", ft)
+    verbs_diff.diff(str(bd), str(fd), str(tmp_path / "native"))
+    monkeypatch.setenv(native.ENV, "0")
+    verbs_diff.diff(str(bd), str(fd), str(tmp_path / "torch"))
+    for shard in sorted((tmp_path / "torch").iterdir()):
+        assert (tmp_path / "native" / shard.name).read_bytes() == shard.read_bytes(), shard
+    got = load_checkpoint(tmp_path / "native")
+    with safe_open(str(next((tmp_path / "native").glob("*.safetensors"))), "pt") as fh:
+        values = json.loads(fh.metadata().get(plan.VALUES_KEY, "[]"))  # stored whole
+    assert bool(values) == delicate  # -0.0, overflow: no exact delta, values instead
+    for name in base:  # and the task vector gives finetuned back
+        d = got[name]
+        back = d if name in values else reconstruct(base[name], d, dtype)
+        assert torch.equal(back.view(torch.uint8), ft[name].view(torch.uint8)), name
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reconstruct_is_the_same_on_both_paths(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """taskvector.reconstruct in C (merge and the chain apply task vectors with it) against
+    its torch expression, on deltas that round, overflow to inf, give NaN, are -0.0 or zero."""
+    from fapm_cli.compute.taskvector import reconstruct
+
+    b, f = _delicate(dtype)
+    gen = torch.Generator().manual_seed(9)
+    delta = f.float() - b.float()
+    delta[300:400] = torch.randn(100, generator=gen) * 1e-3  # rounding at every position
+    delta[400:410] = torch.tensor([float("nan"), -0.0, float("inf"), -float("inf"), 3e38,
+                                   -3e38, 1e-45, -1e-45, 0.0, 2.0**-130])  # fmt: skip
+    got = reconstruct(b, delta, dtype)
+    monkeypatch.setenv(native.ENV, "0")
+    want = reconstruct(b, delta, dtype)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))

@@ -37,7 +37,7 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { M_FAPM = 0, M_MAGNITUDE = 1, M_RATIO = 2 };
 
 /* Bumped whenever a signature or a result changes; native.py refuses a stale build. */
-#define ABI_VERSION 4
+#define ABI_VERSION 8
 
 #define BLOCK 1024 /* elements per inner block: its float scratch stays in L1 */
 #define BINS 65536
@@ -203,32 +203,53 @@ HOT API void fapm_bucket_hist(const int32_t *keys, int64_t n, int32_t low, int64
  * is O(n) with no fixed cost. *key gets the threshold key, *above how many keys exceed it and
  * *eq how many equal it (so the first k - *above of those are kept). Returns 0, or -1 when no
  * scratch memory could be had. */
+/* hist[256] = counts of digit (u >> shift) & 255 over u[0:m], from 4 interleaved copies: the
+ * keys of a tensor crowd into few digits, and one counter incremented back to back waits on
+ * its own store each time (~5x slower). */
+static inline void digit_hist(const uint32_t *u, int64_t m, int shift, uint32_t flip,
+                              int64_t hist[256]) {
+    int64_t h[4][256];
+    memset(h, 0, sizeof h);
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+        h[0][((u[i] ^ flip) >> shift) & 255u]++;
+        h[1][((u[i + 1] ^ flip) >> shift) & 255u]++;
+        h[2][((u[i + 2] ^ flip) >> shift) & 255u]++;
+        h[3][((u[i + 3] ^ flip) >> shift) & 255u]++;
+    }
+    for (; i < m; i++) h[0][((u[i] ^ flip) >> shift) & 255u]++;
+    for (int b = 0; b < 256; b++) hist[b] = h[0][b] + h[1][b] + h[2][b] + h[3][b];
+}
+
 HOT API int fapm_select_small(const int32_t *keys, int64_t n, int64_t k, int32_t *key,
                               int64_t *above, int64_t *eq) {
     uint32_t *cand = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
     if (!cand) return -1;
     int64_t need = k, m = 0;
     int64_t hist[256];
-    memset(hist, 0, sizeof hist);
-    for (int64_t i = 0; i < n; i++) hist[((uint32_t)keys[i] ^ 0x80000000u) >> 24]++;
+    digit_hist((const uint32_t *)keys, n, 24, 0x80000000u, hist);
     for (int shift = 24;; shift -= 8) {
         int b = 255;
         while (hist[b] < need) need -= hist[b--];
-        /* keep the candidates whose digit is b: the k-th largest is among them */
+        /* keep the candidates whose digit is b: the k-th largest is among them (written
+         * without a branch: which keys stay is data, and mispredicting it cost ~4x) */
         if (shift == 24) {
             for (int64_t i = 0; i < n; i++) {
                 uint32_t u = (uint32_t)keys[i] ^ 0x80000000u;
-                if ((u >> 24) == (uint32_t)b) cand[m++] = u;
+                cand[m] = u;
+                m += (u >> 24) == (uint32_t)b;
             }
         } else {
             int64_t j = 0;
-            for (int64_t i = 0; i < m; i++)
-                if (((cand[i] >> shift) & 255u) == (uint32_t)b) cand[j++] = cand[i];
+            for (int64_t i = 0; i < m; i++) {
+                uint32_t u = cand[i];
+                cand[j] = u;
+                j += ((u >> shift) & 255u) == (uint32_t)b;
+            }
             m = j;
         }
         if (shift == 0) break;
-        memset(hist, 0, sizeof hist);
-        for (int64_t i = 0; i < m; i++) hist[(cand[i] >> (shift - 8)) & 255u]++;
+        digit_hist(cand, m, shift - 8, 0, hist);
     }
     *key = (int32_t)(cand[0] ^ 0x80000000u);
     *above = k - need;
@@ -313,6 +334,80 @@ HOT API double fapm_select_write(const int32_t *keys, int64_t n, int32_t t, int6
     *kept = nkept;
     *ties_used = ties;
     return s;
+}
+
+/* float32 -> bfloat16, round to nearest even: torch's conversion of every non-NaN value.
+ * (torch's NaN bits differ between its code paths: callers leave NaN results to torch.) */
+static inline uint16_t float_to_bf16(float x) {
+    uint32_t u = (uint32_t)float_bits(x);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* taskvector.reconstruct for a float32 delta and a bfloat16 (dt 1) or float32 (dt 0) model:
+ * out[i] = base[i]'s bits where delta[i] == 0, else base[i] + delta[i] (float32) rounded to
+ * the model dtype. Returns how many entries of out differ from base, bitwise, or -1 when a
+ * bfloat16 sum is NaN (the caller then computes the chunk with torch). */
+HOT API int64_t fapm_apply_delta_f32(int dt, const void *base, const float *delta, int64_t n,
+                                     void *out) {
+    int64_t changed = 0;
+    if (dt == DT_BF16) {
+        const uint16_t *b = (const uint16_t *)base;
+        uint16_t *o = (uint16_t *)out;
+        int64_t nan = 0;
+        for (int64_t i = 0; i < n; i++) {
+            float sum = bf16_to_float(b[i]) + delta[i];
+            uint16_t v = delta[i] == 0 ? b[i] : float_to_bf16(sum);
+            nan += delta[i] != 0 && sum != sum;
+            changed += v != b[i];
+            o[i] = v;
+        }
+        if (nan) return -1;
+    } else {
+        const uint32_t *b = (const uint32_t *)base;
+        uint32_t *o = (uint32_t *)out;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t v = delta[i] == 0 ? b[i] : (uint32_t)float_bits(bits_to_float(b[i]) + delta[i]);
+            changed += v != b[i];
+            o[i] = v;
+        }
+    }
+    return changed;
+}
+
+/* The dense float32 delta of one chunk (fapm diff): delta[i] = ft[i] - base[i] in float32, for
+ * bfloat16 (dt 1) or float32 (dt 0) inputs of one dtype. Returns 1 when every entry comes back
+ * bit for bit under taskvector.reconstruct (base's bits where the delta is 0, else base +
+ * delta rounded to the model dtype), 0 otherwise (the caller then takes the torch path, which
+ * decides); *kept gets the count of non-zero deltas. */
+HOT API int fapm_delta_f32(int dt, const void *base, const void *ft, int64_t n, float *delta,
+                           int64_t *kept) {
+    int64_t bad = 0, nz = 0;
+    if (dt == DT_BF16) {
+        const uint16_t *b = (const uint16_t *)base, *f = (const uint16_t *)ft;
+        for (int64_t i = 0; i < n; i++) {
+            float bv = bf16_to_float(b[i]);
+            float d = bf16_to_float(f[i]) - bv;
+            delta[i] = d;
+            float sum = bv + d;
+            uint16_t back = d == 0 ? b[i] : float_to_bf16(sum);
+            bad += (back != f[i]) | (d != 0 && sum != sum); /* NaN: torch decides */
+            nz += d != 0;
+        }
+    } else if (dt == DT_F32) {
+        const uint32_t *b = (const uint32_t *)base, *f = (const uint32_t *)ft;
+        for (int64_t i = 0; i < n; i++) {
+            float bv = bits_to_float(b[i]);
+            float d = bits_to_float(f[i]) - bv;
+            delta[i] = d;
+            uint32_t back = d == 0 ? b[i] : (uint32_t)float_bits(bv + d);
+            bad += back != f[i];
+            nz += d != 0;
+        }
+    } else {
+        return 0;
+    }
+    *kept = nz;
+    return bad == 0;
 }
 
 /* -- fapm score: the statistics of both masks, for one or many sparsities ------------------

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fapm_cli.compute import scoring
+from fapm_cli.compute import native, scoring
 from fapm_cli.compute import taskvector as tv
 from fapm_cli.compute.prune import dare_scale, process_item
 from fapm_cli.compute.scoring import CHUNK, Workspace
@@ -147,6 +147,8 @@ class Encoder:
             assert self.base is not None
             bc, fc = self.base[start:stop], self.finetuned[start:stop]
             dd = tv.torch_dtype(p.dtype)
+            if mask is None and self.scale == 1.0 and self._delta_native(bc, fc, dd, target):
+                return
             if self.scale != 1.0:  # DARE's rescaled update, in prune_tensor's arithmetic
                 cdt = scoring.compute_dtype(bc.dtype, fc.dtype)
                 tau = (fc.to(cdt) - bc.to(cdt)).mul_(self.scale)
@@ -163,6 +165,31 @@ class Encoder:
                 raise Unexact(p.item.name)
         self.kept += int((delta != 0).sum())
         self.write(delta)
+
+    def _delta_native(
+        self, bc: torch.Tensor, fc: torch.Tensor, dd: torch.dtype, target: torch.Tensor
+    ) -> bool:
+        """A whole float32 delta chunk in one C pass (``fapm diff`` of bfloat16 or float32
+        checkpoints: the subtraction, the exactness check and the count of torch's seven
+        operations). False when the kernels do not apply or the check fails: then the torch
+        path below writes the chunk or raises ``Unexact``, exactly as without kernels."""
+        kern = native.kernels()
+        if (
+            kern is None
+            or dd != torch.float32
+            or not (bc.dtype == fc.dtype == target.dtype)
+            or bc.dtype not in (torch.bfloat16, torch.float32)
+            or not (bc.is_cpu and fc.is_cpu and bc.is_contiguous() and fc.is_contiguous())
+            or target.data_ptr() != fc.data_ptr()  # the target is finetuned's own values
+        ):
+            return False
+        delta = torch.empty(bc.numel(), dtype=torch.float32)
+        exact, kept = kern.delta_f32(bc, fc, delta)
+        if not exact and self.verify:
+            return False
+        self.kept += kept
+        self.write(delta)
+        return True
 
     def _sparse(
         self, start: int, stop: int, mask: torch.Tensor | None, target: torch.Tensor

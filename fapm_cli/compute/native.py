@@ -16,7 +16,7 @@ from functools import cache
 
 import torch
 
-ABI_VERSION = 4
+ABI_VERSION = 8
 ENV = "FAPM_NATIVE"  # "0": use the torch path (for comparisons and troubleshooting)
 
 # The dtype codes of _kernels.c. Scores are float32 for these; float64 inputs use torch.
@@ -166,6 +166,30 @@ class Kernels:
             eq[0].data_ptr(), eq[1].data_ptr(),
         )  # fmt: skip
 
+    def delta_f32(
+        self, base: torch.Tensor, finetuned: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[bool, int]:
+        """``finetuned - base`` into the float32 ``delta`` (bfloat16 or float32 inputs of one
+        dtype); (every entry reconstructs bit for bit, count of non-zero deltas). ``False``
+        means: let the torch path decide."""
+        kept = ctypes.c_int64()
+        ok = self._for(base.numel()).fapm_delta_f32(
+            DTYPES[base.dtype], base.data_ptr(), finetuned.data_ptr(), base.numel(),
+            delta.data_ptr(), ctypes.byref(kept),
+        )  # fmt: skip
+        return bool(ok), kept.value
+
+    def apply_delta_f32(self, base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> int:
+        """``taskvector.reconstruct`` of a float32 ``delta`` into ``out`` (base's dtype,
+        bfloat16 or float32); returns how many entries differ from base, bitwise, or -1 where
+        a bfloat16 result would be NaN (left to torch)."""
+        return int(
+            self._for(base.numel()).fapm_apply_delta_f32(
+                DTYPES[base.dtype], base.data_ptr(), delta.data_ptr(), base.numel(),
+                out.data_ptr(),
+            )
+        )  # fmt: skip
+
     def count_eq(self, keys: torch.Tensor, t: int) -> int:
         n = keys.numel()
         return int(self._for(n).fapm_count_eq(keys.data_ptr(), n, t))
@@ -221,6 +245,10 @@ def _bind(lib: ctypes.CDLL) -> None:
         ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, ctypes.c_int, _P, _P, _P, _P,
     ]  # fmt: skip
     lib.fapm_score_count.restype = None
+    lib.fapm_delta_f32.argtypes = [ctypes.c_int, _P, _P, _I64, _P, _P]
+    lib.fapm_delta_f32.restype = ctypes.c_int
+    lib.fapm_apply_delta_f32.argtypes = [ctypes.c_int, _P, _P, _I64, _P]
+    lib.fapm_apply_delta_f32.restype = _I64
     lib.fapm_count_eq.argtypes = [_P, _I64, ctypes.c_int32]
     lib.fapm_count_eq.restype = ctypes.c_int64
     lib.fapm_select_write.argtypes = [

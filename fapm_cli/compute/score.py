@@ -121,7 +121,7 @@ def _score_native(
             nonfinite(0)
         if scores is not None and write is not None:
             write(scores)
-        thresholds = [[scoring.small_threshold(kern, keys[j], k) for k in ks] for j in range(2)]
+        thresholds = [scoring.small_thresholds(kern, keys[j], ks) for j in range(2)]
     else:
         hists = _pass1(kern, b, f, coef, stats, counts, starts, write, nonfinite, ws)
         thresholds = _select(kern, b, f, coef, hists, ks, starts, ws)

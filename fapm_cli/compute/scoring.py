@@ -424,15 +424,30 @@ def threshold_in_bucket(bucket: int, above: int, inside: torch.Tensor, k: int) -
 def small_threshold(kern: native.Kernels, keys: torch.Tensor, k: int) -> Threshold:
     """The exact threshold of a few int32 keys (``native.select_small``); the same as the
     histogram path's, including its form when every tie is kept."""
-    if k >= keys.numel():
-        return Threshold(0, 0, keep_all=True)
-    if k <= 0:
-        return Threshold(0, 0, keep_none=True)
-    key, above, eq = kern.select_small(keys, k)
-    ties = k - above
-    if key > -(1 << 31) and eq == ties:  # as threshold_in_bucket
-        return Threshold(key - 1, 0)
-    return Threshold(key, ties)
+    return small_thresholds(kern, keys, [k])[0]
+
+
+def small_thresholds(
+    kern: native.Kernels, keys: torch.Tensor, ks: Sequence[int]
+) -> list[Threshold]:
+    """``small_threshold`` for each k: one radix select per k (sorting the keys once for a
+    sweep measured slower: 180-270 us against 6 x 40 us for 24,576 keys)."""
+    n = keys.numel()
+    at = {k: kern.select_small(keys, k) for k in dict.fromkeys(ks) if 0 < k < n}
+    out = []
+    for k in ks:
+        if k >= n:
+            out.append(Threshold(0, 0, keep_all=True))
+        elif k <= 0:
+            out.append(Threshold(0, 0, keep_none=True))
+        else:
+            key, above, eq = at[k]
+            ties = k - above
+            # As threshold_in_bucket: all ties kept -> "keys > key - 1", no tie ranking.
+            out.append(
+                Threshold(key - 1, 0) if key > -(1 << 31) and eq == ties else Threshold(key, ties)
+            )
+    return out
 
 
 class KeyBuffer:
