@@ -1,6 +1,6 @@
 """Benchmark fapm (and mergekit, when installed) on generated Llama-shaped bf16 pairs.
 
-    python bench/run.py [--sizes small,large] [--data bench-data] [--repeat 1]
+    python bench/run.py [--sizes small,large,moe,grid10k,grid1] [--data bench-data] [--repeat 1]
 
 For each size: generate the pair once (bench/make_pair.py; cached), then run, each as its own
 process, in one interleaved round per ``--repeat``:
@@ -39,14 +39,18 @@ SPARSITY = "0.9"
 BUF = 8 << 20
 
 
-def io_floor(base: Path, finetuned: Path, out: Path) -> float:
-    """Seconds to read every byte of both inputs and write (and fsync) one output's bytes."""
+def _files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+
+
+def io_floor(inputs: list[Path], out_bytes: int, out: Path) -> float:
+    """Seconds to read every byte of ``inputs`` and write (and fsync) ``out_bytes``: what a
+    command that reads those and writes that much cannot go below."""
     buf = bytearray(BUF)
     view = memoryview(buf)
     t0 = time.perf_counter()
-    out_bytes = 0
-    for side in (base, finetuned):
-        for f in sorted(side.glob("*.safetensors")):
+    for side in inputs:
+        for f in _files(side):
             fd = os.open(f, os.O_RDONLY)
             try:
                 pos = 0
@@ -54,19 +58,22 @@ def io_floor(base: Path, finetuned: Path, out: Path) -> float:
                     pos += got
             finally:
                 os.close(fd)
-            if side == finetuned:
-                out_bytes += pos
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        left = out_bytes
-        while left:
-            left -= os.write(fd, view[: min(left, BUF)])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    seconds = time.perf_counter() - t0
-    out.unlink()
-    return seconds
+    if out_bytes:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            left = out_bytes
+            while left:
+                left -= os.write(fd, view[: min(left, BUF)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        out.unlink()
+    return time.perf_counter() - t0
+
+
+def tensor_bytes(path: Path) -> int:
+    """Bytes of the .safetensors files in ``path``: what an output of that size writes."""
+    return sum(f.stat().st_size for f in _files(path))
 
 
 def load1() -> float:
@@ -124,34 +131,72 @@ def mergekit_config(base: Path, finetuned: Path, path: Path) -> None:
 
 # The torch path, which fapm takes without the C kernels: the same bytes, for comparison.
 TORCH_PATH = "fapm prune (fapm, FAPM_NATIVE=0)"
+SWEEP = "0.5,0.7,0.8,0.9,0.95,0.99"
+NAIVE = "naive script (load whole, topk, save_file)"
+
+# A run is a command (argv) or a floor: ("floor", inputs, bytes written as a path whose size
+# counts, or None for nothing written), measured in-process.
+Floor = tuple[str, list[Path], Path | None]
+Run = tuple[str, list[str] | Floor]
 
 
 def runs_for(
-    pair: Path, work: Path, commands: set[str], threads: int | None
-) -> list[tuple[str, list[str] | None]]:
+    pair: Path, work: Path, commands: set[str], threads: int | None, size: str
+) -> list[Run]:
     base, ft = pair / "base", pair / "finetuned"
     extra = ["--threads", str(threads)] if threads else []
     out = str(work / "out")
     prune = [str(FAPM), "prune", "-b", str(base), "-f", str(ft), "-s", SPARSITY, "-q", *extra]
-    runs: list[tuple[str, list[str] | None]] = [
-        ("io-floor", None),
+    runs: list[Run] = [
+        ("io-floor", ("floor", [base, ft], ft)),
         ("fapm prune (fapm)", [*prune, "-o", out]),
-        ("fapm prune (magnitude)", [*prune, "-m", "magnitude", "-o", out]),
-        (TORCH_PATH, [*prune, "-o", out]),
     ]
-    tv = str(work / "tv")
+    if size in ("small", "large"):
+        runs += [
+            ("fapm prune (magnitude)", [*prune, "-m", "magnitude", "-o", out]),
+            (TORCH_PATH, [*prune, "-o", out]),
+        ]
+    if size in SMALL_TENSOR_PAIRS:  # the yardstick of issue #15.3
+        runs.append((NAIVE, [sys.executable, str(HERE / "naive_prune.py"), str(base), str(ft),
+                             str(work / "naive.safetensors")]))  # fmt: skip
+    tv = work / "tv"
+    if "score" in commands:
+        score = [str(FAPM), "score", "-b", str(base), "-f", str(ft), "--format", "json", *extra]
+        runs += [
+            ("io-floor (score: read both)", ("floor", [base, ft], None)),
+            ("fapm score", [*score, "-s", SPARSITY]),
+            (f"fapm score (sweep {SWEEP})", [*score, "-s", SWEEP]),
+        ]
     if "diff" in commands:
         runs.append(
-            ("fapm diff", [str(FAPM), "diff", "-b", str(base), "-f", str(ft), "-o", tv, "-q"])
+            (
+                "fapm diff",
+                [str(FAPM), "diff", "-b", str(base), "-f", str(ft), "-o", str(tv), "-q", *extra],
+            )
+        )
+        runs.append(
+            ("io-floor (diff: read both, write the task vector)", ("floor", [base, ft], tv))
         )
         if "merge" in commands:
             runs.append(
                 (
                     "fapm merge",
-                    [str(FAPM), "merge", "-b", str(base), "--task-vector", tv, "-o", out, "-q"],
+                    [
+                        str(FAPM),
+                        "merge",
+                        "-b",
+                        str(base),
+                        "--task-vector",
+                        str(tv),
+                        "-o",
+                        out,
+                        "-q",
+                        *extra,
+                    ],
                 )
             )
-    if "merge" in commands:
+            runs.append(("io-floor (merge: read base and task vector)", ("floor", [base, tv], ft)))
+    if "merge" in commands and size in ("small", "large"):
         # Two fine-tunes pruned on the fly and summed (the same one twice: the memory and the
         # work of two different ones): bounded like prune (issue #12's 2.5 x f32 + 400 MB).
         runs.append(
@@ -161,30 +206,16 @@ def runs_for(
                  "-w", "0.5", "-s", SPARSITY, "-o", out, "-q", *extra],
             )
         )  # fmt: skip
-    if "score" in commands:
-        runs.append(
-            (
-                "fapm score",
-                [
-                    str(FAPM),
-                    "score",
-                    "-b",
-                    str(base),
-                    "-f",
-                    str(ft),
-                    "-s",
-                    SPARSITY,
-                    "--format",
-                    "json",
-                ],
-            )
-        )
     mk = MERGEKIT_ENV / "bin" / "mergekit-yaml"
-    if mk.exists():
+    if mk.exists() and size in ("small", "large"):
         cfg = work / "ties.yml"
         mergekit_config(base, ft, cfg)
         runs.append(("mergekit ties (density 0.1)", [str(mk), str(cfg), out, "--lazy-unpickle"]))
     return runs
+
+
+# Pairs of many small tensors, where the fixed cost per tensor shows.
+SMALL_TENSOR_PAIRS = ("moe", "grid10k")
 
 
 def bench_size(
@@ -206,15 +237,18 @@ def bench_size(
     work.mkdir(parents=True)
     rows: dict[str, list[dict[str, object]]] = {}
     for rnd in range(repeat):
-        for name, cmd in runs_for(pair, work, commands, threads):
+        for name, cmd in runs_for(pair, work, commands, threads, size):
             shutil.rmtree(work / "out", ignore_errors=True)
-            if cmd is None:
+            if isinstance(cmd, tuple):
                 load = load1()
-                secs = io_floor(pair / "base", pair / "finetuned", work / "floor.bin")
+                _, inputs, written = cmd
+                nbytes = tensor_bytes(written) if written is not None else 0
+                secs = io_floor(inputs, nbytes, work / "floor.bin")
                 row: dict[str, object] = {
                     "wall_s": round(secs, 3),
                     "rc": 0,
                     "load1": round(load, 2),
+                    "bytes_written": nbytes,
                 }
             else:
                 torch_path = {**os.environ, "FAPM_NATIVE": "0"} if name == TORCH_PATH else None
@@ -231,6 +265,7 @@ def bench_size(
                 file=sys.stderr,
             )
         shutil.rmtree(work / "tv", ignore_errors=True)
+        (work / "naive.safetensors").unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     return {"facts": facts, "runs": rows}
 
@@ -269,7 +304,7 @@ def markdown(results: dict[str, dict[str, object]]) -> str:
         facts = res["facts"]
         assert isinstance(facts, dict)
         table = summarize(res)
-        floor = next((r["wall_s"] for r in table if r["run"] == "io-floor"), None)
+        walls = {str(r["run"]): r.get("wall_s") for r in table}
         mk = next((r["wall_s"] for r in table if r["run"].startswith("mergekit")), None)
         lines.append(
             f"\n### {size}: {facts['parameters'] / 1e6:.0f}M parameters, "
@@ -286,7 +321,8 @@ def markdown(results: dict[str, dict[str, object]]) -> str:
                 lines.append(f"| {r['run']} | failed | | | | | | |")
                 continue
             w = float(r["wall_s"])
-            xf = f"{w / floor:.1f}" if floor else ""
+            floor = walls.get(floor_of(str(r["run"])))
+            xf = f"{w / float(floor):.2f}" if floor and not r["run"].startswith("io") else ""
             xm = (
                 f"{mk / w:.1f}× faster"
                 if mk and not r["run"].startswith(("mergekit", "io"))
@@ -300,7 +336,65 @@ def markdown(results: dict[str, dict[str, object]]) -> str:
                 f"| {r['run']} | {w} | {r['mparams_per_s']} | {xf} | {xm} | {rss} "
                 f"| {budget} | {load} |"
             )
+    lines += ["", "### Targets (issue #15), as ratios inside this run", ""]
+    lines += [f"- {t}" for t in targets(results)]
     return "\n".join(lines) + "\n"
+
+
+def floor_of(run: str) -> str:
+    """The I/O floor a run is measured against: what it must read and write at least."""
+    if run.startswith("fapm score"):
+        return "io-floor (score: read both)"
+    if run == "fapm diff":
+        return "io-floor (diff: read both, write the task vector)"
+    if run == "fapm merge":
+        return "io-floor (merge: read base and task vector)"
+    return "io-floor"
+
+
+def targets(results: dict[str, dict[str, object]]) -> list[str]:
+    """Each target of issue #15 as the ratio this run measured (medians of the rounds)."""
+
+    def wall(size: str, run: str) -> float | None:
+        if size not in results:
+            return None
+        for r in summarize(results[size]):
+            if r["run"] == run and not r.get("failed"):
+                return float(r["wall_s"])
+        return None
+
+    out = []
+
+    def ratio(label: str, a: float | None, b: float | None, goal: str) -> None:
+        if a is not None and b is not None:
+            out.append(f"{label}: {a:.2f} s / {b:.2f} s = {a / b:.2f} ({goal})")
+
+    sweep = f"fapm score (sweep {SWEEP})"
+    for size in results:
+        p = wall(size, "fapm prune (fapm)")
+        ratio(f"[{size}] score / prune", wall(size, "fapm score"), p, "target <= 1")
+        ratio(f"[{size}] sweep of 6 / score", wall(size, sweep), wall(size, "fapm score"),
+              "target <= 1.5")  # fmt: skip
+        for run in ("fapm prune (fapm)", "fapm diff", "fapm merge"):
+            ratio(f"[{size}] {run} / its I/O floor", wall(size, run), wall(size, floor_of(run)),
+                  "target <= 1.5")  # fmt: skip
+        mk = next((r["run"] for r in summarize(results[size]) if r["run"].startswith("mergekit")),
+                  None)  # fmt: skip
+        if mk:
+            ratio(f"[{size}] prune / mergekit ties", p, wall(size, mk), "target <= 0.1")
+        ratio(f"[{size}] prune / naive script", p, wall(size, NAIVE), "target <= 1")
+    many, one = wall("grid10k", "fapm prune (fapm)"), wall("grid1", "fapm prune (fapm)")
+    if many is not None and one is not None:
+        tensors = GRID_TENSORS - 1
+        out.append(
+            f"fixed cost per tensor: (prune of 10,000 tensors {many:.2f} s - prune of one tensor "
+            f"of the same 41M entries {one:.2f} s) / {tensors:,} = "
+            f"{(many - one) / tensors * 1e3:.3f} ms (target < 0.1 ms)"
+        )
+    return out
+
+
+GRID_TENSORS = 10_000
 
 
 def machine() -> str:
@@ -327,7 +421,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--sizes", default="small,large")
+    ap.add_argument("--sizes", default="small,large,moe,grid10k,grid1")
     ap.add_argument("--data", type=Path, default=ROOT / "bench-data")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
