@@ -97,6 +97,7 @@ def _score_native(
     write: Callable[[torch.Tensor], None] | None,
     ws: Workspace,
 ) -> list[Sums]:
+    """``score_sweep`` with the C kernels (CPU, float32 scores); see the module docstring."""
     n = b.numel()
     ks = [keep_count(n, s) for s in sparsities]
     # The coefficient prune ranks with (scoring.rank_tensor), so "S > 0" and both masks agree.
@@ -125,7 +126,8 @@ def _score_native(
     else:
         hists = _pass1(kern, b, f, coef, stats, counts, starts, write, nonfinite, ws)
         thresholds = _select(kern, b, f, coef, hists, ks, starts, ws)
-    sq_total = [float(x) for x in stats.sum(0)] if len(starts) > 1 else stats[0].tolist()
+    # sum |tau|, sum |base|, sum |tau|/|base|, sum tau^2: chunk sums added in a fixed order
+    totals = [float(x) for x in stats.sum(0)] if len(starts) > 1 else stats[0].tolist()
     rules = [[_rule(t, n) for t in thresholds[j]] for j in range(2)]
     keys_t = torch.tensor([[r[0] for r in rules[j]] for j in range(2)], dtype=torch.int32)
     ties = torch.tensor([[r[1] for r in rules[j]] for j in range(2)], dtype=torch.int64)
@@ -169,12 +171,12 @@ def _score_native(
         out.append(
             Sums(
                 numel=n,
-                abs_tau=sq_total[0],
-                abs_base=sq_total[1],
-                rel=sq_total[2],
+                abs_tau=totals[0],
+                abs_base=totals[1],
+                rel=totals[2],
                 base_nonzero=int(counts[0]),
                 positive=int(counts[1]),
-                sq=sq_total[3],
+                sq=totals[3],
                 sq_fapm=float(sq_kept[0, j]),
                 sq_magnitude=float(sq_kept[1, j]),
                 kept=k,
