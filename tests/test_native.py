@@ -441,3 +441,19 @@ def test_reconstruct_is_the_same_on_both_paths(
     monkeypatch.setenv(native.ENV, "0")
     want = reconstruct(b, delta, dtype)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000, 4097])
+def test_mask_packing_is_the_same_on_both_paths(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pack_mask / unpack_mask in C (merge keeps every fine-tune's mask packed; compact task
+    vectors store them): the torch path's bytes, and each path reads the other's back."""
+    from fapm_cli.compute import taskvector as tv
+
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.3
+    packed = tv.pack_mask(mask)
+    native_back = tv.unpack_mask(packed, n)
+    monkeypatch.setenv(native.ENV, "0")
+    assert torch.equal(tv.pack_mask(mask), packed)
+    assert torch.equal(tv.unpack_mask(packed, n), mask) and torch.equal(native_back, mask)
+    assert packed.numel() == (n + 7) // 8 and (n % 8 == 0 or int(packed[-1]) >> (n % 8) == 0)

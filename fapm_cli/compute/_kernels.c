@@ -267,6 +267,27 @@ HOT API void fapm_hist_flush(uint32_t *counts, int64_t *hist) {
     memset(counts, 0, 4 * BINS * sizeof(uint32_t));
 }
 
+/* A bool mask (one byte per entry, 0 or 1) packed into bits, entry 8i + j in bit j of byte i,
+ * the last byte zero-padded (taskvector.pack_mask), and back (taskvector.unpack_mask). */
+HOT API void fapm_pack_bits(const uint8_t *mask, int64_t n, uint8_t *out) {
+    int64_t full = n / 8;
+    for (int64_t i = 0; i < full; i++) {
+        const uint8_t *m = mask + 8 * i;
+        out[i] = (uint8_t)((m[0] != 0) | (m[1] != 0) << 1 | (m[2] != 0) << 2 | (m[3] != 0) << 3 |
+                           (m[4] != 0) << 4 | (m[5] != 0) << 5 | (m[6] != 0) << 6 |
+                           (m[7] != 0) << 7);
+    }
+    if (n % 8) {
+        uint8_t last = 0;
+        for (int64_t j = 0; j < n % 8; j++) last |= (uint8_t)((mask[8 * full + j] != 0) << j);
+        out[full] = last;
+    }
+}
+
+HOT API void fapm_unpack_bits(const uint8_t *packed, int64_t n, uint8_t *mask) {
+    for (int64_t i = 0; i < n; i++) mask[i] = (packed[i >> 3] >> (i & 7)) & 1u;
+}
+
 /* How many of keys[0:n] equal t. */
 HOT API int64_t fapm_count_eq(const int32_t *keys, int64_t n, int32_t t) {
     int64_t c = 0;

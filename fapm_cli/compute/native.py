@@ -190,6 +190,14 @@ class Kernels:
             )
         )  # fmt: skip
 
+    def pack_bits(self, mask: torch.Tensor, out: torch.Tensor) -> None:
+        """The bool ``mask`` packed LSB first into the uint8 ``out`` ((numel + 7) // 8)."""
+        self._for(mask.numel()).fapm_pack_bits(mask.data_ptr(), mask.numel(), out.data_ptr())
+
+    def unpack_bits(self, packed: torch.Tensor, out: torch.Tensor) -> None:
+        """The first ``out.numel()`` bits of ``packed`` into the bool ``out``."""
+        self._for(out.numel()).fapm_unpack_bits(packed.data_ptr(), out.numel(), out.data_ptr())
+
     def count_eq(self, keys: torch.Tensor, t: int) -> int:
         n = keys.numel()
         return int(self._for(n).fapm_count_eq(keys.data_ptr(), n, t))
@@ -249,6 +257,10 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fapm_delta_f32.restype = ctypes.c_int
     lib.fapm_apply_delta_f32.argtypes = [ctypes.c_int, _P, _P, _I64, _P]
     lib.fapm_apply_delta_f32.restype = _I64
+    lib.fapm_pack_bits.argtypes = [_P, _I64, _P]
+    lib.fapm_pack_bits.restype = None
+    lib.fapm_unpack_bits.argtypes = [_P, _I64, _P]
+    lib.fapm_unpack_bits.restype = None
     lib.fapm_count_eq.argtypes = [_P, _I64, ctypes.c_int32]
     lib.fapm_count_eq.restype = ctypes.c_int64
     lib.fapm_select_write.argtypes = [

@@ -198,12 +198,28 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     every chunk but the last has a multiple of 8 elements.
     """
     n = mask.numel()
+    kern = native.kernels()
+    if kern is not None and mask.is_cpu and mask.dtype == torch.bool and mask.is_contiguous():
+        out = torch.empty((n + 7) // 8, dtype=torch.uint8)
+        kern.pack_bits(mask, out)  # the same bytes, one pass instead of four torch ops
+        return out
     padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8)
     padded[:n] = mask.reshape(-1)
     return (padded.view(-1, 8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    kern = native.kernels()
+    if (
+        kern is not None
+        and packed.is_cpu
+        and packed.is_contiguous()
+        and packed.dtype == torch.uint8
+        and packed.numel() * 8 >= numel
+    ):
+        out = torch.empty(numel, dtype=torch.bool)
+        kern.unpack_bits(packed, out)
+        return out
     bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS) != 0  # (bytes, 8)
     return bits.reshape(-1)[:numel].clone()
 
