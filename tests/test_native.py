@@ -366,22 +366,34 @@ def test_no_scoring_thread_outlives_a_run(tmp_path: Path, monkeypatch: pytest.Mo
     assert left == []
 
 
-def test_read_ahead_counts_against_brute_force() -> None:
-    """How far the reader may run ahead of item j: as many items as fit, with item j's own
-    peak, in the limit (and never past MAX_AHEAD), for random sizes and limits."""
+def _ahead_fits(held: list[int], read: list[int], j: int, a: int, limit: int, window: int) -> bool:
+    """Items j+1 .. j+a read ahead beside item j: the next one as ever (beside j's peak in
+    the limit), more within the window."""
+    ahead = sum(read[j + 1 : j + a + 1])
+    one = a == 1 and held[j] + ahead <= limit
+    return held[j] + ahead <= max(limit, window) and (ahead <= window or one)
+
+
+def test_read_ahead_counts_against_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    """How far the reader may run ahead of item j: the next item when it fits beside item j's
+    own peak in the limit, more only within READ_AHEAD bytes (and never past MAX_AHEAD), for
+    random sizes, limits and windows."""
     rng = random.Random(4)
     for _ in range(500):
         n = rng.randint(1, 12)
         held = [rng.randint(1, 50) for _ in range(n)]
         read = [rng.randint(0, h) for h in held]
         limit = rng.randint(max(held), 120)
+        window = rng.choice([0, 10, 40])
+        monkeypatch.setattr(reader, "READ_AHEAD", window)
         got = reader.ahead_counts(held, read, limit)
         for j in range(n):
             a = 0
-            while j + a + 1 < n and held[j] + sum(read[j + 1 : j + a + 2]) <= limit:
+            while j + a + 1 < n and _ahead_fits(held, read, j, a + 1, limit, window):
                 a += 1
-            assert got[j] == min(a, reader.MAX_AHEAD), (held, read, limit, j)
+            assert got[j] == min(a, reader.MAX_AHEAD), (held, read, limit, window, j)
     # many tiny items: capped by count, not only by bytes
+    monkeypatch.setattr(reader, "READ_AHEAD", 10**9)
     assert max(reader.ahead_counts([1] * 2000, [1] * 2000, 10**9)) == reader.MAX_AHEAD
 
 
