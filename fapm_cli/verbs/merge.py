@@ -213,7 +213,9 @@ def merge(
                 "inputs": json.dumps(described, separators=(",", ":")),
             },
         )
-        job = out.open([p.out for p in planned], metadata, options_doc(opts), {})
+        # Every chunk written is a fresh tensor (inputs are read without a reused ring), so
+        # hashing and writing may run on the writer's thread, beside the next chunk's sum.
+        job = out.open([p.out for p in planned], metadata, options_doc(opts), {}, background=True)
         try:
             mine = [p for p in planned if job.wants([p.name])]
             records: list[MergeTensor] = []

@@ -367,6 +367,9 @@ def write_task_vector(
             {**metadata, **tv_metadata(plans, fmt, verify)},
             options_doc(opts),
             settings,
+            # The stream below reuses no buffer and every encoded chunk is a fresh tensor:
+            # hashing and writing run on the writer's thread, beside the next chunk.
+            background=True,
         )
         try:
             mine = [p for p in plans if job.wants(t.name for t in p.planned())]
