@@ -213,8 +213,11 @@ def _prune_native(
             return out, sq, kept
 
         results: Iterable[tuple[torch.Tensor, float, int]]
-        if len(starts) == 1:  # one chunk keeps every tie: no quota to count, no thread
-            results = [chunk(0, *ranked.threshold.int32_rule(n))]
+        if len(starts) == 1:  # one chunk keeps every tie: no quota, no thread, no slices
+            out = f if inplace else torch.empty_like(f)
+            key, ties = ranked.threshold.int32_rule(n)
+            sq, count, _ = kern.select_write(ranked.keys, key, ties, b, f, out)
+            results = [(out, sq, count)]
         else:
             key, quota = scoring.tie_quotas(ranked, NATIVE_OUT_CHUNK, kern.count_eq, ws.workers)
             if inplace:  # chunks run ahead on the scoring threads; written in order
