@@ -600,6 +600,31 @@ static inline int64_t keep_block(const int32_t *k, int64_t m, int32_t t, int64_t
     return kept;
 }
 
+/* keep_block for both methods at once, when neither takes its ties one by one: one loop over
+ * the block for both masks, their counts and overlap; the same lanes in the same order (the
+ * same sums, bit for bit) as two keep_block calls. */
+static inline void keep_both(const int32_t *kf, const int32_t *km, int64_t m, int32_t tf,
+                             int32_t tm, int32_t eq_f, int32_t eq_m, const float *a2,
+                             double lf[8], double lm[8], int64_t *kept_f, int64_t *kept_m,
+                             int64_t *overlap) {
+    float xf[BLOCK], xm[BLOCK];
+    int64_t nf = 0, nm = 0, nb = 0;
+    for (int64_t i = 0; i < m; i++) {
+        int32_t f = (kf[i] > tf) | (eq_f & (kf[i] == tf));
+        int32_t g = (km[i] > tm) | (eq_m & (km[i] == tm));
+        xf[i] = f ? a2[i] : 0.0f;
+        xm[i] = g ? a2[i] : 0.0f;
+        nf += f;
+        nm += g;
+        nb += f & g;
+    }
+    add_lanes(lf, xf, m);
+    add_lanes(lm, xm, m);
+    *kept_f += nf;
+    *kept_m += nm;
+    *overlap += nb;
+}
+
 /* Both masks of one chunk for each of m sparsities: sparsity j keeps the FAPM keys > tf[j],
  * then keys equal to tf[j] while ties_f[j] > 0 (see keep_block; updated), and likewise for
  * magnitude (tm, ties_m). Adds to sq_f[j], sq_m[j] the kept tau^2 (float64, 8 lanes each in
@@ -622,6 +647,13 @@ HOT API int fapm_score_final(int bdt, int fdt, const void *base, const void *ft,
         int64_t m = n - c < BLOCK ? n - c : BLOCK;
         BLOCK_KEYS(0);
         for (int j = 0; j < ms; j++) {
+            int simple_f = ties_f[j] == 0 || ties_f[j] == INT64_MAX;
+            int simple_m = ties_m[j] == 0 || ties_m[j] == INT64_MAX;
+            if (simple_f && simple_m) { /* the usual case: both masks in one loop */
+                keep_both(kf, km, m, tf[j], tm[j], ties_f[j] != 0, ties_m[j] != 0, a2, lf[j],
+                          lm[j], &kept_f[j], &kept_m[j], &overlap[j]);
+                continue;
+            }
             kept_f[j] += keep_block(kf, m, tf[j], &ties_f[j], a2, keep_f, lf[j]);
             kept_m[j] += keep_block(km, m, tm[j], &ties_m[j], a2, keep_m, lm[j]);
             int64_t both = 0;
