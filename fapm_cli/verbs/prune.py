@@ -377,7 +377,12 @@ def write_task_vector(
             stored: list[TVTensor] = []
             if job.writes_data:
                 progress.start(sum(p.item.read_bytes for p in mine), "task vector")
-                with pair.steps([p.item for p in mine], progress.advance) as steps:
+                # The ring's regions go back once the writer has written what came from them
+                # (whole values are written as views of the inputs).
+                steps_of = pair.steps(
+                    [p.item for p in mine], progress.advance, job.writer.after_written
+                )
+                with steps_of as steps:
                     for plan, (_, b, f, _) in zip(mine, steps, strict=True):
                         w = job.writer
                         result, record = encode_item(plan, b, f, opts, verify, w.begin, w.write, ws)

@@ -9,7 +9,7 @@ the one loop (``reader.stream``: read-ahead, shards released after their last us
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -94,7 +94,11 @@ def sweep(
         try:
             progress.start(sum(i.read_bytes for i in scored), "score")
             pair = Pair(base, finetuned, side.rebuild, inputs.base_rebuild())
-            with workspace(device, threads) as ws, pair.steps(scored, progress.advance) as steps:
+            # Inputs go into the loop's reused ring: nothing keeps a view of them past the
+            # item (the scores written are fresh tensors), so each region is handed back as
+            # soon as its item is scored.
+            steps_of = pair.steps(scored, progress.advance, after=_at_once)
+            with workspace(device, threads) as ws, steps_of as steps:
                 for item, b, f, _ in steps:
                     assert b is not None and f is not None
                     write = None
@@ -132,3 +136,7 @@ def sweep(
         )
         for sparsity, rows in zip(sparsities, results, strict=True)
     ]
+
+
+def _at_once(give_back: Callable[[], None]) -> None:
+    give_back()
