@@ -229,9 +229,12 @@ class TaskVectorReader:
         assert base is not None
         out = tv.torch_dtype(e.model_dtype)
         b = base.reshape(-1)
-        d = self._read(e.main).reshape(-1)
+        name = e.main.info.name
+        # The delta is read one chunk at a time too: no full-size buffer (4 bytes per entry of
+        # a float32 delta), and each chunk is still in cache when it is added to base.
         for c in range(0, b.numel(), CHUNK):
-            yield tv.reconstruct(b[c : c + CHUNK], d[c : c + CHUNK], out)
+            d = self.reader.read_range(name, c, min(c + CHUNK, b.numel()))
+            yield tv.reconstruct(b[c : c + CHUNK], d, out)
 
     def contribution(
         self, name: str, base: torch.Tensor, cdt: torch.dtype

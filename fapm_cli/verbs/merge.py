@@ -380,8 +380,10 @@ def _run(
     held = [p.base.info.nbytes if p.base is not None else 0 for p in planned]
     progress.start(sum(sizes), "merge")
     records: list[MergeTensor] = []
+    # Base is read ahead into the loop's reused ring (a region goes back once the writer has
+    # written what came from it); the inputs are read by the operation, slice by slice.
     steps = stream(sides, held=held, progress=progress.advance, sizes=sizes,
-                   prefetch=False)  # fmt: skip
+                   after=writer.after_written if base_reader is None else None)  # fmt: skip
     with contextlib.closing(steps):
         for step in steps:
             p = planned[step.pos]
