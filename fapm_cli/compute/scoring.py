@@ -73,6 +73,8 @@ def mean_abs(base: torch.Tensor, dtype: torch.dtype, workers: int = 1) -> float:
         # Chunks summed in parallel by the C kernel (8 float64 lanes each), then added in chunk
         # order: the same m whatever the number of threads.
         step = 1 << 20
+        if n <= step:  # one chunk: no threads, no torch op (f32 rounds as torch.tensor does)
+            return f32(kern.sum_abs(flat) / n)
         starts = range(0, n, step)
         parts = map_chunks(lambda c: kern.sum_abs(flat[c : c + step]), starts, workers)
         return float(torch.tensor(sum(parts) / n, dtype=dtype))
