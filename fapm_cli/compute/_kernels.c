@@ -538,15 +538,37 @@ HOT API void fapm_score_bucket(int bdt, int fdt, const void *base, const void *f
     int32_t kf[BLOCK], km[BLOCK];
     float a2[BLOCK], *aa = NULL, *bb = NULL, *rr = NULL, *ss = NULL;
     (void)aa, (void)bb, (void)rr, (void)ss;
+    /* Counts of a bin hit again and again are held in a register until another bin is hit:
+     * the magnitude keys of a bfloat16 pair repeat a few values (their low 16 bits are mostly
+     * 0), and incrementing one counter in memory back to back waits on its own store. */
+    int64_t at_f = -1, run_f = 0, at_m = -1, run_m = 0;
     for (int64_t c = 0; c < n; c += BLOCK) {
         int64_t m = n - c < BLOCK ? n - c : BLOCK;
         BLOCK_KEYS(0);
         for (int64_t i = 0; i < m; i++) {
             int sf = lut_f[(kf[i] >> 16) + 32768], sm = lut_m[(km[i] >> 16) + 32768];
-            if (sf >= 0) hist_f[(int64_t)sf * BINS + (kf[i] & 0xFFFF)]++;
-            if (sm >= 0) hist_m[(int64_t)sm * BINS + (km[i] & 0xFFFF)]++;
+            if (sf >= 0) {
+                int64_t at = (int64_t)sf * BINS + (kf[i] & 0xFFFF);
+                if (at != at_f) {
+                    if (at_f >= 0) hist_f[at_f] += run_f;
+                    at_f = at;
+                    run_f = 0;
+                }
+                run_f++;
+            }
+            if (sm >= 0) {
+                int64_t at = (int64_t)sm * BINS + (km[i] & 0xFFFF);
+                if (at != at_m) {
+                    if (at_m >= 0) hist_m[at_m] += run_m;
+                    at_m = at;
+                    run_m = 0;
+                }
+                run_m++;
+            }
         }
     }
+    if (at_f >= 0) hist_f[at_f] += run_f;
+    if (at_m >= 0) hist_m[at_m] += run_m;
 }
 
 /* How many FAPM keys of one chunk equal each tf[j] (added to eq_f[j]), and magnitude keys
