@@ -69,7 +69,7 @@ bench-mergekit-env:
 EXPERIMENT_PRESET ?= full
 experiment: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,plot]"
-	$(PY) experiments/forgetting.py --preset $(EXPERIMENT_PRESET) --out experiments/out \
+	$(PY) -m experiments.forgetting --preset $(EXPERIMENT_PRESET) --out experiments/out \
 		--publish docs/evidence
 
 clean:

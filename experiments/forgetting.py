@@ -11,21 +11,18 @@ Pipeline, all seeded, no download (see docs/evidence.md for the reading of the r
 4. measure every output: general held-out loss and next-byte accuracy (forgetting, relative to
    the base) and exact-match addition accuracy (retention, relative to the fine-tuned model).
 
-usage: python experiments/forgetting.py [--preset full|large|smoke] [--out DIR]
-                                        [--publish DIR] [--keep-checkpoints] [--no-plots]
+usage: python -m experiments.forgetting [--preset full|large|smoke] [--out DIR]
+                                         [--publish DIR] [--keep-checkpoints] [--no-plots]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
-import platform
 import random
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -35,9 +32,11 @@ from pydoc_data.topics import topics
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
+
+from experiments.prune_cli import run_prune, weight_distance
+from experiments.records import read_csv, versions, write_csv
 
 METHODS = ("fapm", "magnitude", "ratio", "random")
 LINE = 7  # bytes per addition problem: "7+5=12\n"
@@ -287,63 +286,6 @@ def train(
     model.eval()
 
 
-# --------------------------------------------------------------------------- pruning (the CLI)
-
-
-def fapm_executable() -> list[str]:
-    """The installed `fapm` console script of this interpreter's environment."""
-    exe = Path(sys.executable).with_name("fapm")
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("fapm")
-    if found is None:
-        raise SystemExit("fapm is not installed in this environment: run `make install` first")
-    return [found]
-
-
-def run_prune(
-    base: Path, finetuned: Path, out: Path, method: str, sparsity: float, seed: int, threads: int
-) -> dict[str, Any]:
-    cmd = [
-        *fapm_executable(),
-        "prune",
-        "--base", str(base),
-        "--finetuned", str(finetuned),
-        "--output", str(out),
-        "--method", method,
-        "--sparsity", repr(sparsity),
-        "--seed", str(seed),
-        "--threads", str(threads),
-        "--overwrite",
-        "--json",
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr}")
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
-
-
-def weight_distance(base: Path, other: Path) -> tuple[float, float]:
-    """(fraction of entries that differ from base, L2 distance to base) over all tensors."""
-    b, o = load_dir(base), load_dir(other)
-    changed = total = 0
-    sq = 0.0
-    for name, t in b.items():
-        d = o[name].double() - t.double()
-        changed += int((d != 0).sum())
-        total += d.numel()
-        sq += float((d * d).sum())
-    return changed / total, math.sqrt(sq)
-
-
-def load_dir(path: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
 # --------------------------------------------------------------------------- the experiment
 
 
@@ -510,23 +452,6 @@ class Runner:
 # --------------------------------------------------------------------------- outputs
 
 
-def fmt(v: Any) -> Any:
-    # Six significant digits: enough to compare, and stable text for reruns on the same machine.
-    return f"{v:.6g}" if isinstance(v, float) else v
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({k: fmt(v) for k, v in r.items()} for r in rows)
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def aggregate(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
     """Mean, min and max over seeds of each (method, sparsity)."""
     groups: dict[tuple[str, float], list[dict[str, str]]] = {}
@@ -650,22 +575,6 @@ def plot(agg: list[dict[str, Any]], out: Path) -> list[Path]:
     fig.savefig(paths[1], dpi=120, metadata=meta)
     plt.close(fig)
     return paths
-
-
-def versions() -> dict[str, str]:
-    import safetensors
-    import transformers
-
-    from fapm_cli import __version__
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
-        "fapm": __version__,
-        "machine": platform.machine(),
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:

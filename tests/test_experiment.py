@@ -32,7 +32,7 @@ HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("experiment") / "out"
     publish = out.parent / "published"
-    cmd = [sys.executable, str(ROOT / "experiments" / "forgetting.py"), "--preset", "smoke",
+    cmd = [sys.executable, "-m", "experiments.forgetting", "--preset", "smoke",
            "--out", str(out), "--publish", str(publish), "--keep-checkpoints"]  # fmt: skip
     if not HAVE_MPL:
         cmd.append("--no-plots")
