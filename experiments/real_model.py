@@ -30,6 +30,7 @@ import argparse
 import copy
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import random
@@ -782,6 +783,47 @@ def summary_table(agg: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def at_half_forgetting(agg: list[dict[str, Any]], key: str = "forgetting_instr_pct") -> str:
+    """Per task and curve, the retention where the curve removes half the fine-tune's forgetting.
+
+    Retention and forgetting are interpolated linearly between neighbouring sparsities (means
+    over seeds); the first crossing from the low-sparsity side counts. A single number per method
+    for "how much task is left at the same forgetting", where comparing at the same sparsity
+    would not be fair (the methods remove forgetting at different rates).
+    """
+    lines = [
+        "| task | method | fine-tune's forgetting (%) | target (%) | retention there (%) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for task in dict.fromkeys(a["task"] for a in agg):
+        ft = next(a for a in agg if a["task"] == task and a["curve"] == "finetuned")
+        target = ft[key] / 2
+        for name in curves(agg):
+            pts = [ft, *sorted((a for a in agg if a["task"] == task and a["curve"] == name),
+                               key=lambda a: a["sparsity"])]  # fmt: skip
+            got = "not reached"
+            for lo, hi in itertools.pairwise(pts):
+                if lo[key] >= target >= hi[key] and lo[key] != hi[key]:
+                    t = (lo[key] - target) / (lo[key] - hi[key])
+                    ret = lo["retention_pct"] + t * (hi["retention_pct"] - lo["retention_pct"])
+                    got = f"{ret:.1f} (between s = {lo['sparsity']:g} and {hi['sparsity']:g})"
+                    break
+            lines.append(f"| {task} | {name} | {ft[key]:.1f} | {target:.1f} | {got} |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(out: Path, plots: bool) -> list[Path]:
+    """summary.md (and the plots) from out/results.csv; returns the files written."""
+    agg = aggregate(read_csv(out / "results.csv"))
+    text = (
+        summary_table(agg)
+        + "\nRetention at half the fine-tune's instruction forgetting (interpolated):\n\n"
+        + at_half_forgetting(agg)
+    )
+    (out / "summary.md").write_text(text)
+    return [out / "summary.md", *(plot(agg, out) if plots else [])]
+
+
 def plot(agg: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib
 
@@ -877,8 +919,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--publish", type=Path, help="also copy results, logs and plots here")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep every pruned output")
     ap.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
+    ap.add_argument(
+        "--summarize", action="store_true", help="only rebuild summary.md and plots from --out"
+    )
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
+    if args.summarize:
+        publish(summarize(args.out, not args.no_plots), args.publish)
+        return
     hf_logging.disable_progress_bar()  # one line per run is enough in the log
     hf_logging.set_verbosity_error()
     torch.set_num_threads(p.threads)  # fixed: float reductions can differ with thread count
@@ -890,12 +938,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     runner.run()
     write_csv(args.out / "results.csv", runner.rows)
     write_csv(args.out / "training.csv", runner.log)
-    agg = aggregate(read_csv(args.out / "results.csv"))
-    table = summary_table(agg)
-    (args.out / "summary.md").write_text(table)
-    files = [args.out / "results.csv", args.out / "training.csv", args.out / "summary.md"]
-    if not args.no_plots:
-        files += plot(agg, args.out)
+    files = [args.out / "results.csv", args.out / "training.csv"]
+    files += summarize(args.out, not args.no_plots)
     extra = {}
     if p.model == "smollm2":
         extra = {"gguf": GGUF_FILE, "gguf_sha256": sha256(gguf_location())[:16]}
@@ -913,12 +957,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     }  # fmt: skip
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     files.append(args.out / "meta.json")
-    if args.publish:
-        args.publish.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            shutil.copy2(f, args.publish / f.name)
-    print("\n" + table)
+    publish(files, args.publish)
+    print("\n" + (args.out / "summary.md").read_text())
     print(f"done in {meta['seconds']['total_s']} s; results in {args.out}")
+
+
+def publish(files: list[Path], to: Path | None) -> None:
+    if to is not None:
+        to.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy2(f, to / f.name)
 
 
 def sha256(path: Path) -> str:

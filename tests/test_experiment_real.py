@@ -193,3 +193,23 @@ def test_plots_and_published_files(run: Path) -> None:
     for name in ("tradeoff.png", "vs_sparsity.png"):
         assert (published / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (published / "results.csv").read_bytes() == (run / "results.csv").read_bytes()
+
+
+def test_summarize_rebuilds_the_same_summary(run: Path, tmp_path: Path) -> None:
+    (tmp_path / "results.csv").write_bytes((run / "results.csv").read_bytes())
+    exp.main(["--out", str(tmp_path), "--summarize", "--no-plots"])
+    assert (tmp_path / "summary.md").read_text() == (run / "summary.md").read_text()
+
+
+def test_retention_at_half_forgetting_is_interpolated_along_the_curve() -> None:
+    def point(curve: str, s: float, forgetting: float, retention: float) -> dict[str, object]:
+        return {"task": "t", "curve": curve, "sparsity": s,
+                "forgetting_instr_pct": forgetting, "retention_pct": retention}  # fmt: skip
+
+    agg = [point("finetuned", 0.0, 40.0, 100.0), point("base", 1.0, 0.0, 0.0),
+           point("m", 0.5, 30.0, 90.0), point("m", 0.9, 10.0, 10.0),
+           point("r", 0.5, 30.0, 80.0), point("r", 0.9, 25.0, 70.0)]  # fmt: skip
+    table = exp.at_half_forgetting(agg)  # type: ignore[arg-type]
+    # m crosses 20 % halfway between s = 0.5 (30 %, 90) and 0.9 (10 %, 10): retention 50.
+    assert "| t | m | 40.0 | 20.0 | 50.0 (between s = 0.5 and 0.9) |" in table
+    assert "| t | r | 40.0 | 20.0 | not reached |" in table
