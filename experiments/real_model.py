@@ -819,6 +819,8 @@ def summarize(out: Path, plots: bool) -> list[Path]:
         summary_table(agg)
         + "\nRetention at half the fine-tune's instruction forgetting (interpolated):\n\n"
         + at_half_forgetting(agg)
+        + "\nRetention at half the fine-tune's general text forgetting (interpolated):\n\n"
+        + at_half_forgetting(agg, "forgetting_text_pct")
     )
     (out / "summary.md").write_text(text)
     return [out / "summary.md", *(plot(agg, out) if plots else [])]
