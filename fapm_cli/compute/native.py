@@ -16,7 +16,7 @@ from functools import cache
 
 import torch
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 ENV = "FAPM_NATIVE"  # "0": use the torch path (for comparisons and troubleshooting)
 
 # The dtype codes of _kernels.c. Scores are float32 for these; float64 inputs use torch.
@@ -116,15 +116,18 @@ class Kernels:
         base: torch.Tensor,
         finetuned: torch.Tensor,
         coef: float,
+        level: int,
         luts: tuple[torch.Tensor, torch.Tensor],
+        subs: tuple[torch.Tensor, torch.Tensor],
         hists: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
-        """Second radix level of both methods' keys in the slotted buckets (``luts``: int16
-        slot per top-16-bit bucket, -1 for none; ``hists``: int64, 65536 per slot)."""
+        """One 8-bit digit of the second radix level of both methods' keys in the slotted
+        buckets (``luts``: int16 slot per top-16-bit bucket, -1 for none; ``subs``: level 1's
+        slot per (slot, bits 8-15); ``hists``: int64, 256 per slot), added to."""
         self._for(base.numel()).fapm_score_bucket(
             DTYPES[base.dtype], DTYPES[finetuned.dtype], base.data_ptr(), finetuned.data_ptr(),
-            base.numel(), coef, luts[0].data_ptr(), hists[0].data_ptr(), luts[1].data_ptr(),
-            hists[1].data_ptr(),
+            base.numel(), coef, level, luts[0].data_ptr(), subs[0].data_ptr(),
+            hists[0].data_ptr(), luts[1].data_ptr(), subs[1].data_ptr(), hists[1].data_ptr(),
         )  # fmt: skip
 
     def score_final(
@@ -241,7 +244,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     ]  # fmt: skip
     lib.fapm_score_pass.restype = ctypes.c_double
     lib.fapm_score_bucket.argtypes = [
-        ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, _P, _P, _P, _P,
+        ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, ctypes.c_int,
+        _P, _P, _P, _P, _P, _P,
     ]  # fmt: skip
     lib.fapm_score_bucket.restype = None
     lib.fapm_score_final.argtypes = [

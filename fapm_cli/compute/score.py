@@ -257,47 +257,89 @@ def _select(
     ws: Workspace,
 ) -> list[list[Threshold]]:
     """Every sparsity's exact threshold for both methods: the top buckets from ``hists``, then
-    one pass that counts the low 16 bits inside all of them (one slot per distinct bucket)."""
+    the low 16 bits inside all of them as two 8-bit digits, each one pass over the chunks (one
+    slot per distinct bucket, then per distinct bucket and first digit)."""
     n = b.numel()
-    step = starts.step
     found: list[list[tuple[int, int] | None]] = [
         [scoring.top_bucket(hists[j], k) if 0 < k < n else None for k in ks] for j in range(2)
     ]
     slots = [sorted({x[0] for x in found[j] if x is not None}) for j in range(2)]
+    if not any(slots):
+        return [[Threshold(0, 0, keep_all=k >= n, keep_none=k < n) for k in ks] for _ in "fm"]
     luts = torch.full((2, 1 << 16), -1, dtype=torch.int16)
     for j in range(2):
         for slot, bucket in enumerate(slots[j]):
             luts[j, bucket] = slot
-    width = max(1, len(slots[0])) * (1 << 16), max(1, len(slots[1])) * (1 << 16)
-    if any(slots):
-
-        def part(p: int, workers: int) -> torch.Tensor:
-            mine = torch.zeros(width[0] + width[1], dtype=torch.int64)
-            for i in range(p, len(starts), workers):
-                sl = slice(starts[i], starts[i] + step)
-                kern.score_bucket(b[sl], f[sl], coef, (luts[0], luts[1]),
-                                  (mine[: width[0]], mine[width[0] :]))  # fmt: skip
-            return mine
-
-        inside = _on_workers(part, ws.workers, len(starts))
-    else:
-        inside = torch.zeros(width[0] + width[1], dtype=torch.int64)
-    per = (inside[: width[0]].view(-1, 1 << 16), inside[width[0] :].view(-1, 1 << 16))
-    out: list[list[Threshold]] = []
+    width = [max(1, len(slots[j])) for j in range(2)]
+    subs = [torch.full((width[j], 256), -1, dtype=torch.int16) for j in range(2)]
+    first = _digit_pass(kern, b, f, coef, 0, luts, subs, width, starts, ws)
+    # each threshold's first digit: (slot, digit, keys above it in the bucket)
+    mids: list[list[tuple[int, int, int] | None]] = []
     for j in range(2):
-        row = []
+        row: list[tuple[int, int, int] | None] = []
         for k, at in zip(ks, found[j], strict=True):
             if at is None:
-                row.append(
-                    Threshold(0, 0, keep_all=True) if k >= n else Threshold(0, 0, keep_none=True)
-                )
+                row.append(None)
+                continue
+            slot = slots[j].index(at[0])
+            digit, above = scoring.top_bucket(first[j][slot], k - at[1])
+            row.append((slot, digit, above))
+        mids.append(row)
+    pairs = [sorted({(x[0], x[1]) for x in mids[j] if x is not None}) for j in range(2)]
+    for j in range(2):
+        for sub, (slot, digit) in enumerate(pairs[j]):
+            subs[j][slot, digit] = sub
+    second = _digit_pass(kern, b, f, coef, 1, luts, subs, [len(x) for x in pairs], starts, ws)
+    out: list[list[Threshold]] = []
+    for j in range(2):
+        thresholds = []
+        for k, at, mid in zip(ks, found[j], mids[j], strict=True):
+            if at is None or mid is None:
+                thresholds.append(Threshold(0, 0, keep_all=k >= n, keep_none=k < n))
                 continue
             bucket, above = at
-            row.append(
-                scoring.threshold_in_bucket(bucket, above, per[j][slots[j].index(bucket)], k)
+            slot, digit, above_mid = mid
+            inside = second[j][pairs[j].index((slot, digit))]
+            low, above_low = scoring.top_bucket(inside, k - above - above_mid)
+            key = scoring.bucket_low(bucket) + (digit << 8) + low
+            ties = k - above - above_mid - above_low
+            # as threshold_in_bucket: every tie kept -> "keys > key - 1", no tie ranking
+            thresholds.append(
+                Threshold(key - 1, 0)
+                if key > -(1 << 31) and int(inside[low]) == ties
+                else Threshold(key, ties)
             )
-        out.append(row)
+        out.append(thresholds)
     return out
+
+
+def _digit_pass(
+    kern: native.Kernels,
+    b: torch.Tensor,
+    f: torch.Tensor,
+    coef: float,
+    level: int,
+    luts: torch.Tensor,
+    subs: list[torch.Tensor],
+    width: list[int],
+    starts: range,
+    ws: Workspace,
+) -> list[torch.Tensor]:
+    """One 8-bit digit pass of ``_select`` on the scoring threads: per method, (slots, 256)
+    counts."""
+    step = starts.step
+    size = [max(1, w) * 256 for w in width]
+
+    def part(p: int, workers: int) -> torch.Tensor:
+        mine = torch.zeros(size[0] + size[1], dtype=torch.int64)
+        for i in range(p, len(starts), workers):
+            sl = slice(starts[i], starts[i] + step)
+            kern.score_bucket(b[sl], f[sl], coef, level, (luts[0], luts[1]),
+                              (subs[0], subs[1]), (mine[: size[0]], mine[size[0] :]))  # fmt: skip
+        return mine
+
+    counts = _on_workers(part, ws.workers, len(starts))
+    return [counts[: size[0]].view(-1, 256), counts[size[0] :].view(-1, 256)]
 
 
 def _score_torch(

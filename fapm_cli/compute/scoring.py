@@ -400,8 +400,8 @@ def select_from_top_histogram(
 
 
 def top_bucket(hist0: torch.Tensor, k: int) -> tuple[int, int]:
-    """The top-16-bit bucket (bin of ``hist0``) holding the k-th largest key (0 < k < n), and
-    how many keys lie in the buckets above it."""
+    """The bin of a radix histogram (65,536 top-16-bit buckets, or 256 bins of a digit)
+    holding the k-th largest key (0 < k <= its total), and how many keys lie above it."""
     return _bucket_walk(hist0, k)
 
 
