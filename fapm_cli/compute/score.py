@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import torch
@@ -146,7 +145,7 @@ def _score_native(
                 kern.score_count(b[sl], f[sl], coef, keys_t, eq[i])
             return torch.zeros(1, dtype=torch.int64)
 
-        _on_workers(count, ws.workers, len(starts))
+        scoring.on_parts(count, ws.workers, len(starts))
         before = eq.cumsum(0) - eq  # ties in the chunks before each
         partial = (ties != 0) & (ties != ALL_TIES)
         share = (ties - before).clamp_(min=0).minimum(eq)
@@ -162,7 +161,7 @@ def _score_native(
             kern.score_final(b[sl], f[sl], coef, keys_t, quotas[i], sums[i], mine)
         return mine
 
-    kept = _on_workers(final, ws.workers, len(starts))
+    kept = scoring.on_parts(final, ws.workers, len(starts))
     sq_kept = sums.sum(0) if len(starts) > 1 else sums[0]
     out = []
     for j, k in enumerate(ks):
@@ -184,16 +183,6 @@ def _score_native(
             )
         )
     return out
-
-
-def _on_workers(fn: Callable[[int, int], torch.Tensor], workers: int, chunks: int) -> torch.Tensor:
-    """``fn(part, workers)`` for each part on its own thread (parts take chunks part, part +
-    workers, ...); the results, which are integer counts, summed."""
-    workers = max(1, min(workers, chunks))
-    if workers == 1:
-        return fn(0, 1)
-    with ThreadPoolExecutor(workers, thread_name_prefix="fapm-score") as pool:
-        return torch.stack(list(pool.map(fn, range(workers), [workers] * workers))).sum(0)
 
 
 def _pass1(
@@ -241,7 +230,7 @@ def _pass1(
                 pending = 0
         return torch.cat([total.reshape(-1), mine])
 
-    both = _on_workers(part, 1 if write is not None else ws.workers, len(starts))
+    both = scoring.on_parts(part, 1 if write is not None else ws.workers, len(starts))
     counts += both[-2:]
     return both[:-2].reshape(2, 1 << 16)
 
@@ -265,7 +254,7 @@ def _select(
     ]
     slots = [sorted({x[0] for x in found[j] if x is not None}) for j in range(2)]
     if not any(slots):
-        return [[Threshold(0, 0, keep_all=k >= n, keep_none=k < n) for k in ks] for _ in "fm"]
+        return [[_edge(k, n) for k in ks] for _ in "fm"]
     luts = torch.full((2, 1 << 16), -1, dtype=torch.int16)
     for j in range(2):
         for slot, bucket in enumerate(slots[j]):
@@ -295,7 +284,7 @@ def _select(
         thresholds = []
         for k, at, mid in zip(ks, found[j], mids[j], strict=True):
             if at is None or mid is None:
-                thresholds.append(Threshold(0, 0, keep_all=k >= n, keep_none=k < n))
+                thresholds.append(_edge(k, n))
                 continue
             bucket, above = at
             slot, digit, above_mid = mid
@@ -303,14 +292,15 @@ def _select(
             low, above_low = scoring.top_bucket(inside, k - above - above_mid)
             key = scoring.bucket_low(bucket) + (digit << 8) + low
             ties = k - above - above_mid - above_low
-            # as threshold_in_bucket: every tie kept -> "keys > key - 1", no tie ranking
-            thresholds.append(
-                Threshold(key - 1, 0)
-                if key > -(1 << 31) and int(inside[low]) == ties
-                else Threshold(key, ties)
-            )
+            thresholds.append(scoring.settled(key, ties, int(inside[low])))
         out.append(thresholds)
     return out
+
+
+def _edge(k: int, n: int) -> Threshold:
+    edge = scoring.edge_threshold(k, n)
+    assert edge is not None, (k, n)  # a k with no bucket keeps all or none
+    return edge
 
 
 def _digit_pass(
@@ -338,7 +328,7 @@ def _digit_pass(
                               (subs[0], subs[1]), (mine[: size[0]], mine[size[0] :]))  # fmt: skip
         return mine
 
-    counts = _on_workers(part, ws.workers, len(starts))
+    counts = scoring.on_parts(part, ws.workers, len(starts))
     return [counts[: size[0]].view(-1, 256), counts[size[0] :].view(-1, 256)]
 
 

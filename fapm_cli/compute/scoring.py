@@ -182,13 +182,39 @@ class Threshold:
         return self.key, self.ties
 
 
-def select_threshold(keys: torch.Tensor, k: int) -> Threshold:
-    """Find the k-th largest key by radix select on 16-bit digits, most significant first."""
-    n = keys.numel()
+def edge_threshold(k: int, n: int) -> Threshold | None:
+    """Keep-all (``k >= n``) or keep-none (``k <= 0``), which need no selection; else None."""
     if k >= n:
         return Threshold(0, 0, keep_all=True)
     if k <= 0:
         return Threshold(0, 0, keep_none=True)
+    return None
+
+
+def settled(key: int, ties: int, equal: int) -> Threshold:
+    """The threshold at the k-th largest ``key``, keeping ``ties`` of the ``equal`` keys equal to
+    it. When it keeps all of them, "keys > key - 1" is the whole mask and the per-chunk tie
+    ranking (a cumsum) is skipped: every selection path returns this same form."""
+    if key > -(1 << 31) and equal == ties:
+        return Threshold(key - 1, 0)
+    return Threshold(key, ties)
+
+
+def on_parts(fn: Callable[[int, int], torch.Tensor], workers: int, chunks: int) -> torch.Tensor:
+    """``fn(part, workers)`` for each part on its own scoring thread (part ``p`` takes chunks
+    ``p, p + workers, ...``), the integer counts they return summed (in any order: the same)."""
+    workers = max(1, min(workers, chunks))
+    if workers == 1:
+        return fn(0, 1)
+    with ThreadPoolExecutor(workers, thread_name_prefix="fapm-score") as pool:
+        return torch.stack(list(pool.map(fn, range(workers), [workers] * workers))).sum(0)
+
+
+def select_threshold(keys: torch.Tensor, k: int) -> Threshold:
+    """Find the k-th largest key by radix select on 16-bit digits, most significant first."""
+    n = keys.numel()
+    if (edge := edge_threshold(k, n)) is not None:
+        return edge
     width = keys.element_size() * 8
     sign_bit = -(1 << (width - 1))
     flat = keys.reshape(-1)
@@ -372,10 +398,8 @@ def select_from_top_histogram(
     Only the threshold bucket is counted in the second pass: keys are clamped to one below /
     one above it, so a single bincount sees every key, and nothing is compacted."""
     n = keys.numel()
-    if k >= n:
-        return Threshold(0, 0, keep_all=True)
-    if k <= 0:
-        return Threshold(0, 0, keep_none=True)
+    if (edge := edge_threshold(k, n)) is not None:
+        return edge
     bucket, above = _bucket_walk(hist0, k)
     low = bucket_low(bucket)
     lo_b = max(low - 1, -(1 << 31))
@@ -414,13 +438,7 @@ def threshold_in_bucket(bucket: int, above: int, inside: torch.Tensor, k: int) -
     """The exact threshold, given the bucket of the k-th largest key, the keys above that
     bucket and the histogram of the low 16 bits of the keys inside it."""
     digit, above_in = _bucket_walk(inside, k - above)
-    key = bucket_low(bucket) + digit
-    ties = k - above - above_in
-    if key > -(1 << 31) and int(inside[digit]) == ties:
-        # Every key equal to the threshold is kept: "keys > key - 1" is the whole mask, and
-        # the per-chunk tie ranking (a cumsum) is skipped.
-        return Threshold(key - 1, 0)
-    return Threshold(key, ties)
+    return settled(bucket_low(bucket) + digit, k - above - above_in, int(inside[digit]))
 
 
 def small_threshold(kern: native.Kernels, keys: torch.Tensor, k: int) -> Threshold:
@@ -438,17 +456,11 @@ def small_thresholds(
     at = {k: kern.select_small(keys, k) for k in dict.fromkeys(ks) if 0 < k < n}
     out = []
     for k in ks:
-        if k >= n:
-            out.append(Threshold(0, 0, keep_all=True))
-        elif k <= 0:
-            out.append(Threshold(0, 0, keep_none=True))
-        else:
+        edge = edge_threshold(k, n)
+        if edge is None:
             key, above, eq = at[k]
-            ties = k - above
-            # As threshold_in_bucket: all ties kept -> "keys > key - 1", no tie ranking.
-            out.append(
-                Threshold(key - 1, 0) if key > -(1 << 31) and eq == ties else Threshold(key, ties)
-            )
+            edge = settled(key, k - above, eq)
+        out.append(edge)
     return out
 
 
@@ -624,17 +636,12 @@ def rank_tensor(
                 pending = 0
         return hist
 
-    workers = ws.workers if device.type == "cpu" and len(starts) > 1 else 1
+    workers = ws.workers if device.type == "cpu" else 1
     try:
-        if workers == 1:
-            hist0 = score_part(0, 1)
-        else:
-            # Chunks are independent: each worker writes its own slices of ``keys`` and counts
-            # its own histogram (integers: the sum is order-free); torch releases the GIL in
-            # each op.
-            with ThreadPoolExecutor(workers, thread_name_prefix="fapm-score") as pool:
-                hists = list(pool.map(score_part, range(workers), [workers] * workers))
-            hist0 = torch.stack(hists).sum(0)
+        # Chunks are independent: each worker writes its own slices of ``keys`` and counts its
+        # own histogram (integers: the sum is order-free); torch and the kernels release the
+        # GIL.
+        hist0 = on_parts(score_part, workers, len(starts))
         if fused_hist:
             threshold = select_from_top_histogram(keys, hist0, k, ws.workers)
         else:
