@@ -460,3 +460,49 @@ def test_native_sweep_equals_the_torch_path_with_ties_in_order(
             assert getattr(g, name) == getattr(w, name), (s, name)
         for name in ("abs_tau", "abs_base", "rel", "sq", "sq_fapm", "sq_magnitude"):
             assert getattr(g, name) == pytest.approx(getattr(w, name), rel=1e-12), (s, name)
+
+
+def test_sums_add_every_field() -> None:
+    """Sums.__add__ is written out field by field: it must cover each one, in order."""
+    import dataclasses
+
+    from fapm_cli.records import Sums
+
+    names = [f.name for f in dataclasses.fields(Sums)]
+    a = Sums(*range(1, len(names) + 1))
+    b = Sums(*(10 * i for i in range(1, len(names) + 1)))
+    assert [getattr(a + b, x) for x in names] == [11 * i for i in range(1, len(names) + 1)]
+
+
+def test_indented_json_is_the_standard_librarys(tmp_path: Path) -> None:
+    """emit_json's encoder against json.dumps(indent=2, allow_nan=False): the same text for
+    random nested documents (empty and nested containers, escapes, floats, non-ASCII), for a
+    sweep's report, and the same refusals."""
+    import random
+
+    from fapm_cli.report.console import dumps_indented
+
+    rng = random.Random(5)
+    leaves = [None, True, False, 0, -3, 1.5, 1e-300, 2**70, 'a"b\n\u00e9\u2603', "", -0.0]
+
+    def doc(depth: int) -> object:
+        r = rng.random()
+        if depth > 3 or r < 0.4:
+            return rng.choice(leaves)
+        if r < 0.7:
+            return {rng.choice(["k", "x y", "\u00e9", 'a"']) + str(i): doc(depth + 1)
+                    for i in range(rng.randrange(6))}  # fmt: skip
+        return [doc(depth + 1) for _ in range(rng.randrange(6))]
+
+    for _ in range(3000):
+        d = doc(0)
+        assert dumps_indented(d) == json.dumps(d, indent=2, allow_nan=False)
+    for bad in ({"a": float("nan")}, [float("inf")], {"a": [1, {"b": float("-inf")}]}):
+        with pytest.raises(ValueError):
+            dumps_indented(bad)
+    base, ft = make_pair(seed=2)
+    b = write_checkpoint(tmp_path / "b", base)
+    f = write_checkpoint(tmp_path / "f", ft)
+    code, out, err = fapm("score", "-b", str(b), "-f", str(f), "-s", "0.5,0.9", "--json")
+    assert code == 0, err
+    assert out == json.dumps(json.loads(out), indent=2, allow_nan=False) + "\n"

@@ -47,7 +47,86 @@ def warn(message: str) -> None:
 
 
 def emit_json(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    sys.stdout.write(dumps_indented(obj) + "\n")
+
+
+_SCALARS = (str, int, float, bool, type(None))
+_encoders: dict[int, Callable[[Any], str]] = {}
+
+
+def _refuse(o: Any) -> Any:
+    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+
+def _flat(level: int) -> Callable[[Any], str]:
+    """One container of scalars in compact JSON whose item separator is "," + a newline + the
+    indent of ``level``: the C encoder, made once (JSONEncoder.encode makes one per call)."""
+    enc = _encoders.get(level)
+    if enc is None:
+        sep = ",\n" + "  " * level
+        make = getattr(json.encoder, "c_make_encoder", None)
+        if make is None:  # a Python without the C accelerator
+            slow = json.JSONEncoder(allow_nan=False, separators=(sep, ": "))
+            enc = slow.encode
+        else:
+            c = make(None, _refuse, json.encoder.encode_basestring_ascii, None, ": ", sep,
+                     False, False, False)  # fmt: skip
+
+            def enc(o: Any, c: Any = c) -> str:
+                return "".join(c(o, 0))
+
+        _encoders[level] = enc
+    return enc
+
+
+def dumps_indented(obj: Any) -> str:
+    """``json.dumps(obj, indent=2, allow_nan=False)``, the same text, faster: the standard
+    library formats an indented document in Python, one generator step per value, while its C
+    encoder takes any separator. Runs of scalar items go to the C encoder with "," + newline
+    + indent as the separator; only containers holding containers are walked here. A sweep's
+    report (60,000 rows) took 1.1 s the standard way (docs/benchmarks.md)."""
+    out: list[str] = []
+    _put(obj, 0, out)
+    return "".join(out)
+
+
+def _put(o: Any, level: int, out: list[str]) -> None:
+    if isinstance(o, dict) and all(type(k) is str for k in o):
+        if not o:
+            out.append("{}")
+            return
+        pad = "\n" + "  " * (level + 1)
+        out.append("{")
+        run: dict[str, Any] = {}
+        first = True
+        for k, v in o.items():
+            if isinstance(v, _SCALARS):
+                run[k] = v
+                continue
+            if run:
+                out.append(("" if first else ",") + pad + _flat(level + 1)(run)[1:-1])
+                run, first = {}, False
+            out.append(("" if first else ",") + pad + json.encoder.encode_basestring_ascii(k))
+            out.append(": ")
+            _put(v, level + 1, out)
+            first = False
+        if run:
+            out.append(("" if first else ",") + pad + _flat(level + 1)(run)[1:-1])
+        out.append("\n" + "  " * level + "}")
+    elif isinstance(o, (list, tuple)):
+        if not o:
+            out.append("[]")
+            return
+        pad = "\n" + "  " * (level + 1)
+        if all(isinstance(v, _SCALARS) for v in o):
+            out.append("[" + pad + _flat(level + 1)(o)[1:-1] + "\n" + "  " * level + "]")
+            return
+        for i, v in enumerate(o):
+            out.append(("[" if i == 0 else ",") + pad)
+            _put(v, level + 1, out)
+        out.append("\n" + "  " * level + "]")
+    else:  # a scalar, or what the standard encoder should judge (and refuse) itself
+        out.append(json.dumps(o, indent=2, allow_nan=False))
 
 
 def show(
