@@ -179,6 +179,55 @@ def test_select_small_against_a_sort() -> None:
 
 
 @needs_kernels
+def test_select_many_against_a_sort() -> None:
+    """Several ranks in one radix select (fapm score's sweep): each as a sort gives it, with
+    ranks repeated, out of order, in one digit and in different ones."""
+    assert KERNELS is not None
+    rng = random.Random(4)
+    cases = [
+        [rng.randrange(-(1 << 31), 1 << 31) for _ in range(500)],
+        [0x12345600 + rng.randrange(4) for _ in range(500)],
+        [rng.randrange(4) << 24 | rng.randrange(3) for _ in range(500)],
+        [-(1 << 31)] * 5 + [(1 << 31) - 1] * 5 + [0, -1, 1],
+        [7] * 64,
+        [5],
+    ]
+    for values in cases:
+        keys = torch.tensor(values, dtype=torch.int32)
+        n = len(values)
+        ranks = [r for r in (n, 1, n // 2, n // 2, n // 3 + 1, n - 1, 2) if 1 <= r <= n]
+        got = KERNELS.select_many(keys, ranks)
+        assert got == [_sorted_threshold(keys, r) for r in ranks], values[:5]
+    assert KERNELS.select_many(torch.tensor([1, 2], dtype=torch.int32), []) == []
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [1, 7, 4096, scoring.SMALL_TENSOR])
+def test_small_score_equals_the_chunked_score(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fapm score's one-call path for small tensors against the histogram path on the same
+    tensor: every figure at every sparsity of a sweep, bit for bit (one chunk either way, so
+    the float64 sums are added in the same order), with ties straddling thresholds, zeros in
+    base, and float32 inputs."""
+    from fapm_cli.compute import score as compute_score
+
+    gen = torch.Generator().manual_seed(n)
+    b = (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)
+    f = (b.float() + torch.randn(n, generator=gen) * 5e-4).to(torch.bfloat16)
+    if n > 8:
+        b[n // 4 : n // 2], f[n // 4 : n // 2] = 0.01, 0.0105
+        b[:3] = 0.0
+    sweep = [Fraction(x) for x in ("0", "1/3", "1/2", "9/10", "99/100", "1")]
+    ws = scoring.Workspace()
+    for pair in ((b, f), (b.float(), f.float())):
+        small = compute_score.score_sweep("t", *pair, sweep, 0.5, None, ws)
+        monkeypatch.setattr(scoring, "SMALL_TENSOR", 0)
+        chunked = compute_score.score_sweep("t", *pair, sweep, 0.5, None, ws)
+        monkeypatch.undo()
+        assert small == chunked
+        assert [s.kept for s in small] == [plan.keep_count(n, s) for s in sweep]
+
+
+@needs_kernels
 @pytest.mark.parametrize("method", [Method.FAPM, Method.MAGNITUDE, Method.RATIO])
 @pytest.mark.parametrize("n", [1, 2, 3, 4096, scoring.SMALL_TENSOR])
 def test_small_tensor_path_equals_the_histogram_path(method: Method, n: int) -> None:

@@ -37,7 +37,7 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { M_FAPM = 0, M_MAGNITUDE = 1, M_RATIO = 2 };
 
 /* Bumped whenever a signature or a result changes; native.py refuses a stale build. */
-#define ABI_VERSION 9
+#define ABI_VERSION 10
 
 #define BLOCK 1024 /* elements per inner block: its float scratch stays in L1 */
 #define BINS 65536
@@ -433,9 +433,10 @@ HOT API int fapm_delta_f32(int dt, const void *base, const void *ft, int64_t n, 
 
 /* -- fapm score: the statistics of both masks, for one or many sparsities ------------------
  *
- * Score keeps no key array: each pass recomputes an element's FAPM key and its magnitude key
- * (|tau|'s bits) from the inputs, which costs what reading stored keys would (4 bytes per
- * element of bfloat16 inputs) and saves 4 bytes per element of memory. SCORE_KEYS fills, for
+ * On a large tensor score keeps no key array: each pass recomputes an element's FAPM key and
+ * its magnitude key (|tau|'s bits) from the inputs, which costs what reading stored keys would
+ * (4 bytes per element of bfloat16 inputs) and saves 8 bytes per element of memory; only the
+ * keys in the buckets of the thresholds are gathered (fapm_score_gather). SCORE_KEYS fills, for
  * one block, the FAPM and magnitude keys, tau^2 and (when asked) |tau|, |base|, |tau|/|base|
  * (0 where base == 0) and the FAPM score (-inf where base == 0): the same IEEE operations as
  * fapm_score_keys, in vectorisable loops; the histograms and masks work on those arrays. */
@@ -528,104 +529,53 @@ HOT API double fapm_score_pass(int bdt, int fdt, const void *base, const void *f
     return q;
 }
 
-/* The second radix level of both methods for many thresholds at once, as two 8-bit digits (a
- * 65,536-bin histogram per threshold bucket, 12 of them for a sweep of six, left the cache: 18
- * ns per key in a bucket; 256 bins each stay in L1). lut_f[top 16 bits + 32768] is the slot of
- * a bucket some threshold falls in, or -1. Level 0 counts bits 8-15 of each FAPM key in a
- * slotted bucket in hist_f[slot * 256 + ...]; level 1 counts bits 0-7 of the keys whose bits
- * 8-15 are a chosen digit too, sub_f[slot * 256 + bits 8-15] being the level-1 slot (or -1).
- * The same for magnitude keys with lut_m, sub_m, hist_m. A run of hits on one bin is counted
- * in a register (bfloat16 magnitude keys repeat a few values; one counter incremented back to
- * back waits on its own store). */
-#define COUNT_RUN(AT, RUN, HIST, IDX)                                                          \
-    do {                                                                                        \
-        int64_t at_ = (IDX);                                                                    \
-        if (at_ != AT) {                                                                        \
-            if (AT >= 0) HIST[AT] += RUN;                                                       \
-            AT = at_;                                                                           \
-            RUN = 0;                                                                            \
-        }                                                                                       \
-        RUN++;                                                                                  \
-    } while (0)
-
-HOT API void fapm_score_bucket(int bdt, int fdt, const void *base, const void *ft, int64_t n,
-                               float coef, int level, const int16_t *lut_f,
-                               const int16_t *sub_f, int64_t *hist_f, const int16_t *lut_m,
-                               const int16_t *sub_m, int64_t *hist_m) {
-    int32_t kf[BLOCK], km[BLOCK];
-    float a2[BLOCK], *aa = NULL, *bb = NULL, *rr = NULL, *ss = NULL;
-    (void)aa, (void)bb, (void)rr, (void)ss;
-    int64_t at_f = -1, run_f = 0, at_m = -1, run_m = 0;
-    for (int64_t c = 0; c < n; c += BLOCK) {
-        int64_t m = n - c < BLOCK ? n - c : BLOCK;
-        BLOCK_KEYS(0);
-        for (int64_t i = 0; i < m; i++) {
-            int sf = lut_f[(kf[i] >> 16) + 32768], sm = lut_m[(km[i] >> 16) + 32768];
-            if (level == 0) {
-                if (sf >= 0) COUNT_RUN(at_f, run_f, hist_f, (int64_t)sf * 256 + ((kf[i] >> 8) & 255));
-                if (sm >= 0) COUNT_RUN(at_m, run_m, hist_m, (int64_t)sm * 256 + ((km[i] >> 8) & 255));
-            } else {
-                if (sf >= 0) {
-                    int tf = sub_f[sf * 256 + ((kf[i] >> 8) & 255)];
-                    if (tf >= 0) COUNT_RUN(at_f, run_f, hist_f, (int64_t)tf * 256 + (kf[i] & 255));
-                }
-                if (sm >= 0) {
-                    int tm = sub_m[sm * 256 + ((km[i] >> 8) & 255)];
-                    if (tm >= 0) COUNT_RUN(at_m, run_m, hist_m, (int64_t)tm * 256 + (km[i] & 255));
-                }
-            }
-        }
-    }
-    if (at_f >= 0) hist_f[at_f] += run_f;
-    if (at_m >= 0) hist_m[at_m] += run_m;
+/* How one block takes the keys equal to t with *ties of them left to take (INT64_MAX: all):
+ * 1 all of them (*ties lowered by their count), 0 none, -1 some (the quota runs out here:
+ * keep_block takes them one by one). */
+static inline int32_t take_ties(const int32_t *k, int64_t m, int32_t t, int64_t *ties) {
+    if (*ties == 0) return 0;
+    if (*ties == INT64_MAX) return 1;
+    int64_t eq = 0;
+    for (int64_t i = 0; i < m; i++) eq += k[i] == t;
+    if (eq > *ties) return -1;
+    *ties -= eq;
+    return 1;
 }
 
-/* How many FAPM keys of one chunk equal each tf[j] (added to eq_f[j]), and magnitude keys
- * each tm[j] (eq_m[j]): the tie counts that let fapm_score_final run chunks independently. */
-HOT API void fapm_score_count(int bdt, int fdt, const void *base, const void *ft, int64_t n,
-                              float coef, int ms, const int32_t *tf, const int32_t *tm,
-                              int64_t *eq_f, int64_t *eq_m) {
-    int32_t kf[BLOCK], km[BLOCK];
-    float a2[BLOCK], *aa = NULL, *bb = NULL, *rr = NULL, *ss = NULL;
-    (void)aa, (void)bb, (void)rr, (void)ss;
-    for (int64_t c = 0; c < n; c += BLOCK) {
-        int64_t m = n - c < BLOCK ? n - c : BLOCK;
-        BLOCK_KEYS(0);
-        for (int j = 0; j < ms; j++) {
-            int64_t x = 0, y = 0;
-            for (int64_t i = 0; i < m; i++) {
-                x += kf[i] == tf[j];
-                y += km[i] == tm[j];
-            }
-            eq_f[j] += x;
-            eq_m[j] += y;
-        }
-    }
-}
-
-/* keep[i] for one block: keys > t, then keys equal to t while *ties > 0 (decremented as they
- * are taken, in flat order; INT64_MAX: all of them, in one vectorisable loop). Returns how
- * many are kept; lane[] gets the kept x (float64, 8 lanes in element order). */
+/* keep[i] for one block whose ties run out in it: keys > t, then keys equal to t while *ties
+ * > 0 (decremented as they are taken, in flat order). Returns how many are kept; lane[] gets
+ * the kept x (float64, 8 lanes in element order). */
 static inline int64_t keep_block(const int32_t *k, int64_t m, int32_t t, int64_t *ties,
                                  const float *x, uint8_t *keep, double lane[8]) {
-    int64_t kept = 0;
-    if (*ties == 0 || *ties == INT64_MAX) {
-        int32_t take_eq = *ties != 0;
-        for (int64_t i = 0; i < m; i++) keep[i] = (k[i] > t) | (take_eq & (k[i] == t));
-    } else {
-        for (int64_t i = 0; i < m; i++) {
-            int32_t y = k[i] > t;
-            if (k[i] == t && *ties > 0) {
-                y = 1;
-                (*ties)--;
-            }
-            keep[i] = (uint8_t)y;
+    int64_t kept = 0, left = *ties; /* a local: keep[] (bytes) may alias *ties */
+    for (int64_t i = 0; i < m; i++) {
+        int32_t y = k[i] > t;
+        if (k[i] == t && left > 0) {
+            y = 1;
+            left--;
         }
+        keep[i] = (uint8_t)y;
     }
+    *ties = left;
     float kx[BLOCK];
     for (int64_t i = 0; i < m; i++) {
         kx[i] = keep[i] ? x[i] : 0.0f;
         kept += keep[i];
+    }
+    add_lanes(lane, kx, m);
+    return kept;
+}
+
+/* keep_block for a block that takes all its ties (take_eq 1) or none (0). */
+static inline int64_t keep_simple(const int32_t *k, int64_t m, int32_t t, int32_t take_eq,
+                                  const float *x, uint8_t *keep, double lane[8]) {
+    int64_t kept = 0;
+    float kx[BLOCK];
+    for (int64_t i = 0; i < m; i++) {
+        int32_t y = (k[i] > t) | (take_eq & (k[i] == t));
+        keep[i] = (uint8_t)y;
+        kx[i] = y ? x[i] : 0.0f;
+        kept += y;
     }
     add_lanes(lane, kx, m);
     return kept;
@@ -656,42 +606,40 @@ static inline void keep_both(const int32_t *kf, const int32_t *km, int64_t m, in
     *overlap += nb;
 }
 
-/* Both masks of one chunk for each of m sparsities: sparsity j keeps the FAPM keys > tf[j],
- * then keys equal to tf[j] while ties_f[j] > 0 (see keep_block; updated), and likewise for
- * magnitude (tm, ties_m). Adds to sq_f[j], sq_m[j] the kept tau^2 (float64, 8 lanes each in
- * element order, lanes summed at the end), to kept_f[j], kept_m[j] the kept counts, to
- * overlap[j] the entries both keep. */
 #define MAXS 64
-HOT API int fapm_score_final(int bdt, int fdt, const void *base, const void *ft, int64_t n,
-                             float coef, int ms, const int32_t *tf, int64_t *ties_f,
-                             const int32_t *tm, int64_t *ties_m, double *sq_f, double *sq_m,
-                             int64_t *kept_f, int64_t *kept_m, int64_t *overlap) {
-    if (ms < 1 || ms > MAXS) return -1;
-    double lf[MAXS][8], lm[MAXS][8];
-    int32_t kf[BLOCK], km[BLOCK];
-    float a2[BLOCK], *aa = NULL, *bb = NULL, *rr = NULL, *ss = NULL;
+
+/* fapm_score_final's work on one block of keys (kf, km) and tau^2 (a2). */
+static inline __attribute__((always_inline)) void final_block(const int32_t *kf, const int32_t *km, const float *a2, int64_t m,
+                               int ms, const int32_t *tf, int64_t *ties_f, const int32_t *tm,
+                               int64_t *ties_m, double lf[][8], double lm[][8],
+                               int64_t *kept_f, int64_t *kept_m, int64_t *overlap) {
     uint8_t keep_f[BLOCK], keep_m[BLOCK];
-    (void)aa, (void)bb, (void)rr, (void)ss;
+    for (int j = 0; j < ms; j++) {
+        int32_t take_f = take_ties(kf, m, tf[j], &ties_f[j]);
+        int32_t take_m = take_ties(km, m, tm[j], &ties_m[j]);
+        if (take_f >= 0 && take_m >= 0) { /* the usual case: both masks in one loop */
+            keep_both(kf, km, m, tf[j], tm[j], take_f, take_m, a2, lf[j], lm[j], &kept_f[j],
+                      &kept_m[j], &overlap[j]);
+            continue;
+        }
+        /* a quota runs out in this block: that mask one by one */
+        kept_f[j] += take_f < 0 ? keep_block(kf, m, tf[j], &ties_f[j], a2, keep_f, lf[j])
+                                : keep_simple(kf, m, tf[j], take_f, a2, keep_f, lf[j]);
+        kept_m[j] += take_m < 0 ? keep_block(km, m, tm[j], &ties_m[j], a2, keep_m, lm[j])
+                                : keep_simple(km, m, tm[j], take_m, a2, keep_m, lm[j]);
+        int64_t both = 0;
+        for (int64_t i = 0; i < m; i++) both += keep_f[i] & keep_m[i];
+        overlap[j] += both;
+    }
+}
+
+static inline void lanes_zero(int ms, double lf[][8], double lm[][8]) {
     for (int j = 0; j < ms; j++)
         for (int l = 0; l < 8; l++) lf[j][l] = lm[j][l] = 0;
-    for (int64_t c = 0; c < n; c += BLOCK) {
-        int64_t m = n - c < BLOCK ? n - c : BLOCK;
-        BLOCK_KEYS(0);
-        for (int j = 0; j < ms; j++) {
-            int simple_f = ties_f[j] == 0 || ties_f[j] == INT64_MAX;
-            int simple_m = ties_m[j] == 0 || ties_m[j] == INT64_MAX;
-            if (simple_f && simple_m) { /* the usual case: both masks in one loop */
-                keep_both(kf, km, m, tf[j], tm[j], ties_f[j] != 0, ties_m[j] != 0, a2, lf[j],
-                          lm[j], &kept_f[j], &kept_m[j], &overlap[j]);
-                continue;
-            }
-            kept_f[j] += keep_block(kf, m, tf[j], &ties_f[j], a2, keep_f, lf[j]);
-            kept_m[j] += keep_block(km, m, tm[j], &ties_m[j], a2, keep_m, lm[j]);
-            int64_t both = 0;
-            for (int64_t i = 0; i < m; i++) both += keep_f[i] & keep_m[i];
-            overlap[j] += both;
-        }
-    }
+}
+
+static inline void lanes_out(int ms, double lf[][8], double lm[][8], double *sq_f,
+                             double *sq_m) {
     for (int j = 0; j < ms; j++) {
         double x = 0, y = 0;
         for (int l = 0; l < 8; l++) {
@@ -701,6 +649,199 @@ HOT API int fapm_score_final(int bdt, int fdt, const void *base, const void *ft,
         sq_f[j] += x;
         sq_m[j] += y;
     }
+}
+
+/* Both masks of one chunk for each of m sparsities: sparsity j keeps the FAPM keys > tf[j],
+ * then keys equal to tf[j] while ties_f[j] > 0 (see keep_block; updated), and likewise for
+ * magnitude (tm, ties_m). Adds to sq_f[j], sq_m[j] the kept tau^2 (float64, 8 lanes each in
+ * element order, lanes summed at the end), to kept_f[j], kept_m[j] the kept counts, to
+ * overlap[j] the entries both keep. */
+HOT API int fapm_score_final(int bdt, int fdt, const void *base, const void *ft, int64_t n,
+                             float coef, int ms, const int32_t *tf, int64_t *ties_f,
+                             const int32_t *tm, int64_t *ties_m, double *sq_f, double *sq_m,
+                             int64_t *kept_f, int64_t *kept_m, int64_t *overlap) {
+    if (ms < 1 || ms > MAXS) return -1;
+    double lf[MAXS][8], lm[MAXS][8];
+    lanes_zero(ms, lf, lm);
+    int32_t kf[BLOCK], km[BLOCK];
+    float a2[BLOCK], *aa = NULL, *bb = NULL, *rr = NULL, *ss = NULL;
+    (void)aa, (void)bb, (void)rr, (void)ss;
+    for (int64_t c = 0; c < n; c += BLOCK) {
+        int64_t m = n - c < BLOCK ? n - c : BLOCK;
+        BLOCK_KEYS(0);
+        final_block(kf, km, a2, m, ms, tf, ties_f, tm, ties_m, lf, lm, kept_f, kept_m, overlap);
+    }
+    lanes_out(ms, lf, lm, sq_f, sq_m);
+    return 0;
+}
+
+/* -- fapm score of a small tensor, in one call ---------------------------------------------
+ *
+ * Several ranks among the same keys at once: an 8-bit radix select (as fapm_select_small)
+ * whose histogram and compaction are shared by the ranks that fall in the same digit, level
+ * by level. u[0:m] are candidates (top level: keys, xor flip into unsigned order) sharing
+ * every digit above shift; want[] their ranks (1-based among u), ascending. Writes, for each
+ * want w, key[w.idx], above[w.idx] (keys exceeding it) and eq[w.idx] (keys equal to it).
+ * Returns 0, or -1 when no scratch memory could be had. */
+typedef struct {
+    int64_t need; /* rank among the current candidates */
+    int64_t above; /* keys above the current candidates */
+    int idx;
+} Want;
+
+HOT static int select_group(const uint32_t *u, int64_t m, int shift, uint32_t flip, uint32_t prefix,
+                        Want *want, int nw, int32_t *key, int64_t *above, int64_t *eq) {
+    int64_t hist[256];
+    digit_hist(u, m, shift, flip, hist);
+    int b = 255;
+    int64_t acc = 0;
+    for (int g = 0; g < nw;) {
+        while (acc + hist[b] < want[g].need) acc += hist[b--];
+        int h = g; /* want[g:h] fall in digit b */
+        while (h < nw && want[h].need <= acc + hist[b]) {
+            want[h].need -= acc;
+            want[h].above += acc;
+            h++;
+        }
+        uint32_t at = prefix | ((uint32_t)b << shift);
+        if (shift == 0) {
+            for (int w = g; w < h; w++) {
+                key[want[w].idx] = (int32_t)(at ^ 0x80000000u);
+                above[want[w].idx] = want[w].above;
+                eq[want[w].idx] = hist[b];
+            }
+        } else {
+            int64_t cnt = hist[b];
+            uint32_t *cand = (uint32_t *)malloc((size_t)(cnt + 1) * sizeof(uint32_t));
+            if (!cand) return -1;
+            int64_t j = 0;
+            for (int64_t i = 0; i < m && j < cnt; i++) { /* branchless, as fapm_select_small */
+                uint32_t v = u[i] ^ flip;
+                cand[j] = v;
+                j += ((v >> shift) & 255u) == (uint32_t)b;
+            }
+            int rc = select_group(cand, cnt, shift - 8, 0, at, want + g, h - g, key, above, eq);
+            free(cand);
+            if (rc) return rc;
+        }
+        acc += hist[b--];
+        g = h;
+    }
+    return 0;
+}
+
+/* The ranks[0:nr] largest (1 <= rank <= n, any order) among keys[0:n] at once: for each r,
+ * key[r] the key of that rank, above[r] how many keys exceed it, eq[r] how many equal it.
+ * Returns 0, -1 (no scratch memory) or -2 (nr out of range). */
+HOT API int fapm_select_many(const int32_t *keys, int64_t n, int nr, const int64_t *ranks,
+                             int32_t *key, int64_t *above, int64_t *eq) {
+    if (nr < 0 || nr > MAXS) return -2;
+    Want want[MAXS];
+    for (int r = 0; r < nr; r++) { /* insertion by rank: want[] ascending */
+        int w = r;
+        while (w > 0 && want[w - 1].need > ranks[r]) {
+            want[w] = want[w - 1];
+            w--;
+        }
+        want[w] = (Want){ranks[r], 0, r};
+    }
+    if (!nr) return 0;
+    return select_group((const uint32_t *)keys, n, 24, 0x80000000u, 0, want, nr, key, above, eq);
+}
+
+/* The thresholds of ks[0:ms] among keys[0:n] in score_final's form: keep keys > t[j], then
+ * the first ties[j] keys equal to t[j] (INT64_MAX: all of them); the same forms as
+ * scoring.edge_threshold / scoring.settled. */
+static int thresholds_of(const int32_t *keys, int64_t n, int ms, const int64_t *ks, int32_t *t,
+                         int64_t *ties) {
+    int64_t ranks[MAXS], above[MAXS], eq[MAXS];
+    int32_t key[MAXS];
+    int at[MAXS], nr = 0;
+    for (int j = 0; j < ms; j++) {
+        if (ks[j] >= n) {
+            t[j] = INT32_MIN;
+            ties[j] = INT64_MAX;
+        } else if (ks[j] <= 0) {
+            t[j] = INT32_MAX;
+            ties[j] = 0;
+        } else {
+            at[nr] = j;
+            ranks[nr++] = ks[j];
+        }
+    }
+    if (fapm_select_many(keys, n, nr, ranks, key, above, eq)) return -1;
+    for (int r = 0; r < nr; r++) {
+        int j = at[r];
+        int64_t tie = ks[j] - above[r];
+        if (key[r] > INT32_MIN && tie == eq[r]) {
+            t[j] = key[r] - 1;
+            ties[j] = 0;
+        } else {
+            t[j] = key[r];
+            ties[j] = tie;
+        }
+    }
+    return 0;
+}
+
+/* The keys of one chunk that fall in chosen top-16-bit buckets, for both methods (sel_f,
+ * sel_m: 65536 bytes, 1 for a bucket some threshold falls in), appended in flat order to
+ * out_f, out_m (room for n each); counts[0..1] get how many. fapm score's second pass on a
+ * large tensor: the thresholds are then selected among these few keys in memory, and each
+ * chunk's ties counted from them, instead of one pass over the inputs per radix digit. */
+HOT API void fapm_score_gather(int bdt, int fdt, const void *base, const void *ft, int64_t n,
+                               float coef, const uint8_t *sel_f, const uint8_t *sel_m,
+                               int32_t *out_f, int32_t *out_m, int64_t *counts) {
+    int32_t kf[BLOCK], km[BLOCK];
+    float a2[BLOCK], *aa = NULL, *bb = NULL, *rr = NULL, *ss = NULL;
+    (void)aa, (void)bb, (void)rr, (void)ss;
+    int64_t jf = 0, jm = 0;
+    for (int64_t c = 0; c < n; c += BLOCK) {
+        int64_t m = n - c < BLOCK ? n - c : BLOCK;
+        BLOCK_KEYS(0);
+        for (int64_t i = 0; i < m; i++) { /* branchless appends, as fapm_select_small */
+            out_f[jf] = kf[i];
+            jf += sel_f[(kf[i] >> 16) + 32768];
+            out_m[jm] = km[i];
+            jm += sel_m[(km[i] >> 16) + 32768];
+        }
+    }
+    counts[0] = jf;
+    counts[1] = jm;
+}
+
+/* fapm score of one small tensor (n <= a chunk) at ks[0:ms] kept entries: fapm_score_pass
+ * (stats, counts, optional scores) with the keys kept in keys_f, keys_m (n each), both
+ * methods' thresholds by the shared radix select, then fapm_score_final's figures from the
+ * kept keys (tau^2 from the magnitude key: |tau|'s bits): the same figures, bit for bit, as
+ * those three steps, with no per-tensor histogram and one call from Python. stats[3] (sum
+ * tau^2) is not finite when an input is not (the caller checks). Returns 0, -1 (no memory)
+ * or -2 (ms out of range). */
+HOT API int fapm_score_small(int bdt, int fdt, const void *base, const void *ft, int64_t n,
+                             float coef, int ms, const int64_t *ks, int32_t *keys_f,
+                             int32_t *keys_m, float *scores, double *stats, int64_t *counts,
+                             double *sq_f, double *sq_m, int64_t *kept_f, int64_t *kept_m,
+                             int64_t *overlap) {
+    if (ms < 1 || ms > MAXS) return -2;
+    fapm_score_pass(bdt, fdt, base, ft, n, coef, keys_f, keys_m, NULL, NULL, scores, stats,
+                    counts);
+    int32_t tf[MAXS], tm[MAXS];
+    int64_t ties_f[MAXS], ties_m[MAXS];
+    if (thresholds_of(keys_f, n, ms, ks, tf, ties_f) || thresholds_of(keys_m, n, ms, ks, tm, ties_m))
+        return -1;
+    double lf[MAXS][8], lm[MAXS][8];
+    lanes_zero(ms, lf, lm);
+    float a2[BLOCK];
+    for (int64_t c = 0; c < n; c += BLOCK) {
+        int64_t m = n - c < BLOCK ? n - c : BLOCK;
+        const int32_t *kf = keys_f + c, *km = keys_m + c;
+        for (int64_t i = 0; i < m; i++) {
+            float a = bits_to_float((uint32_t)km[i]);
+            a2[i] = a * a;
+        }
+        final_block(kf, km, a2, m, ms, tf, ties_f, tm, ties_m, lf, lm, kept_f, kept_m, overlap);
+    }
+    lanes_out(ms, lf, lm, sq_f, sq_m);
     return 0;
 }
 

@@ -16,7 +16,7 @@ from functools import cache
 
 import torch
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 ENV = "FAPM_NATIVE"  # "0": use the torch path (for comparisons and troubleshooting)
 
 # The dtype codes of _kernels.c. Scores are float32 for these; float64 inputs use torch.
@@ -111,25 +111,6 @@ class Kernels:
             )
         )  # fmt: skip
 
-    def score_bucket(
-        self,
-        base: torch.Tensor,
-        finetuned: torch.Tensor,
-        coef: float,
-        level: int,
-        luts: tuple[torch.Tensor, torch.Tensor],
-        subs: tuple[torch.Tensor, torch.Tensor],
-        hists: tuple[torch.Tensor, torch.Tensor],
-    ) -> None:
-        """One 8-bit digit of the second radix level of both methods' keys in the slotted
-        buckets (``luts``: int16 slot per top-16-bit bucket, -1 for none; ``subs``: level 1's
-        slot per (slot, bits 8-15); ``hists``: int64, 256 per slot), added to."""
-        self._for(base.numel()).fapm_score_bucket(
-            DTYPES[base.dtype], DTYPES[finetuned.dtype], base.data_ptr(), finetuned.data_ptr(),
-            base.numel(), coef, level, luts[0].data_ptr(), subs[0].data_ptr(),
-            hists[0].data_ptr(), luts[1].data_ptr(), subs[1].data_ptr(), hists[1].data_ptr(),
-        )  # fmt: skip
-
     def score_final(
         self,
         base: torch.Tensor,
@@ -153,21 +134,66 @@ class Kernels:
         if rc != 0:
             raise ValueError(f"{m} sparsities in one pass; at most {MAX_SWEEP}")
 
-    def score_count(
+    def score_small(
         self,
         base: torch.Tensor,
         finetuned: torch.Tensor,
         coef: float,
-        rules: torch.Tensor,
-        eq: torch.Tensor,
+        ks: torch.Tensor,
+        keys: torch.Tensor,
+        scores: torch.Tensor | None,
+        out_f: torch.Tensor,
+        out_i: torch.Tensor,
     ) -> None:
-        """Per method and sparsity, how many keys of one chunk equal ``rules`` (2, m) int32;
-        added to ``eq`` (2, m) int64."""
-        self._for(base.numel()).fapm_score_count(
+        """``fapm score`` of one small tensor at ``ks`` (m int64 kept counts) in one call:
+        ``keys`` (2n int32) is scratch, ``scores`` gets the FAPM scores (float32) if given;
+        ``out_f`` (4 + 2m float64, zeroed) gets the 4 sums of ``score_pass`` then the kept
+        tau^2 of FAPM and magnitude per sparsity, ``out_i`` (2 + 3m int64, zeroed) its 2
+        counts then per sparsity the FAPM, magnitude and overlap counts."""
+        n, m = base.numel(), ks.numel()
+        ip, fp = out_i.data_ptr(), out_f.data_ptr()
+        rc = self._for(n).fapm_score_small(
             DTYPES[base.dtype], DTYPES[finetuned.dtype], base.data_ptr(), finetuned.data_ptr(),
-            base.numel(), coef, rules.shape[1], rules[0].data_ptr(), rules[1].data_ptr(),
-            eq[0].data_ptr(), eq[1].data_ptr(),
+            n, coef, m, ks.data_ptr(), keys.data_ptr(), keys.data_ptr() + 4 * n,
+            None if scores is None else scores.data_ptr(), fp, ip, fp + 32, fp + 32 + 8 * m,
+            ip + 16, ip + 16 + 8 * m, ip + 16 + 16 * m,
         )  # fmt: skip
+        if rc == -1:
+            raise MemoryError(f"no memory to select among {n} keys")
+        if rc != 0:
+            raise ValueError(f"{m} sparsities in one pass; at most {MAX_SWEEP}")
+
+    def select_many(self, keys: torch.Tensor, ranks: list[int]) -> list[tuple[int, int, int]]:
+        """(key, above, eq) of each rank (1 <= rank <= numel) among ``keys`` (int32): as
+        ``select_small`` for each, the radix passes shared by ranks in the same digits."""
+        n, m = keys.numel(), len(ranks)
+        r = (_I64 * m)(*ranks)
+        key, above, eq = (ctypes.c_int32 * m)(), (_I64 * m)(), (_I64 * m)()
+        rc = self._for(n).fapm_select_many(keys.data_ptr(), n, m, r, key, above, eq)
+        if rc == -1:
+            raise MemoryError(f"no memory to select among {n} keys")
+        if rc != 0:
+            raise ValueError(f"{m} ranks in one select; at most {MAX_SWEEP}")
+        return list(zip(key, above, eq, strict=True))
+
+    def score_gather(
+        self,
+        base: torch.Tensor,
+        finetuned: torch.Tensor,
+        coef: float,
+        sel: torch.Tensor,
+        out_f: torch.Tensor,
+        out_m: torch.Tensor,
+    ) -> tuple[int, int]:
+        """The FAPM and magnitude keys of one chunk in the buckets ``sel`` (2, 65536) uint8
+        marks, appended into ``out_f``, ``out_m`` (int32, room for the chunk); their counts."""
+        counts = (_I64 * 2)()
+        self._for(base.numel()).fapm_score_gather(
+            DTYPES[base.dtype], DTYPES[finetuned.dtype], base.data_ptr(), finetuned.data_ptr(),
+            base.numel(), coef, sel[0].data_ptr(), sel[1].data_ptr(), out_f.data_ptr(),
+            out_m.data_ptr(), counts,
+        )  # fmt: skip
+        return counts[0], counts[1]
 
     def delta_f32(
         self, base: torch.Tensor, finetuned: torch.Tensor, delta: torch.Tensor
@@ -243,20 +269,22 @@ def _bind(lib: ctypes.CDLL) -> None:
         ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, _P, _P, _P, _P, _P, _P, _P,
     ]  # fmt: skip
     lib.fapm_score_pass.restype = ctypes.c_double
-    lib.fapm_score_bucket.argtypes = [
-        ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, ctypes.c_int,
-        _P, _P, _P, _P, _P, _P,
-    ]  # fmt: skip
-    lib.fapm_score_bucket.restype = None
     lib.fapm_score_final.argtypes = [
         ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, ctypes.c_int,
         _P, _P, _P, _P, _P, _P, _P, _P, _P,
     ]  # fmt: skip
     lib.fapm_score_final.restype = ctypes.c_int
-    lib.fapm_score_count.argtypes = [
-        ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, ctypes.c_int, _P, _P, _P, _P,
+    lib.fapm_score_small.argtypes = [
+        ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, ctypes.c_int,
+        _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P,
     ]  # fmt: skip
-    lib.fapm_score_count.restype = None
+    lib.fapm_score_small.restype = ctypes.c_int
+    lib.fapm_select_many.argtypes = [_P, _I64, ctypes.c_int, _P, _P, _P, _P]
+    lib.fapm_select_many.restype = ctypes.c_int
+    lib.fapm_score_gather.argtypes = [
+        ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, _P, _P, _P, _P, _P,
+    ]  # fmt: skip
+    lib.fapm_score_gather.restype = None
     lib.fapm_delta_f32.argtypes = [ctypes.c_int, _P, _P, _I64, _P, _P]
     lib.fapm_delta_f32.restype = ctypes.c_int
     lib.fapm_apply_delta_f32.argtypes = [ctypes.c_int, _P, _P, _I64, _P]

@@ -14,16 +14,20 @@ Per tensor pair (float tensors in both checkpoints, paired as ``prune`` pairs th
 Sums are accumulated in float64; element-wise math is in the compute dtype (float32, float64 for
 float64 inputs), as in ``prune``.
 
-With the C kernels, a tensor takes three passes over its inputs whatever the number of
+With the C kernels, a large tensor takes three passes over its inputs whatever the number of
 sparsities (a sweep, ``--sparsity 0.5,0.7,0.9``): the first computes every sparsity-free figure
-and both methods' top-16-bit histograms, the second counts the buckets every threshold falls
-in, the third both masks' figures for every sparsity at once. No key array is kept: each pass
-recomputes the keys from the inputs, which costs what reading them back would.
+and both methods' top-16-bit histograms, the second gathers the keys in the buckets the
+thresholds fall in (a few per cent of the keys; every threshold is then selected among those
+in memory, and each chunk's ties counted there), the third both masks' figures for every
+sparsity at once. No full key array is kept: each pass recomputes the keys from the inputs,
+which costs what reading them back would. A tensor of one chunk or less keeps its keys and
+takes one kernel call (``_score_small``).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
@@ -102,6 +106,8 @@ def _score_native(
     # The coefficient prune ranks with (scoring.rank_tensor), so "S > 0" and both masks agree.
     m = scoring.mean_abs(b, torch.float32, ws.workers)
     coef = scoring.f32(scoring.f32(lam) * m)
+    if n <= scoring.SMALL_TENSOR:
+        return _score_small(kern, name, b, f, ks, coef, write, ws)
     step = scoring.FUSED_CHUNK
     starts = range(0, n, step)
     stats = torch.zeros(len(starts), 4, dtype=torch.float64)  # per chunk: summed in order
@@ -112,19 +118,8 @@ def _score_native(
         check_finite(f[c : c + step], name, "finetuned")
 
     # Pass 1: the sparsity-free figures, and what selects each threshold.
-    small = n <= scoring.SMALL_TENSOR
-    if small:  # keys kept (a few kB), thresholds by radix select: no histogram per tensor
-        keys = (torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32))
-        scores = torch.empty(n, dtype=torch.float32) if write is not None else None
-        sq = kern.score_pass(b, f, coef, stats[0], counts, keys=keys, scores=scores)
-        if not math.isfinite(sq):
-            nonfinite(0)
-        if scores is not None and write is not None:
-            write(scores)
-        thresholds = [scoring.small_thresholds(kern, keys[j], ks) for j in range(2)]
-    else:
-        hists = _pass1(kern, b, f, coef, stats, counts, starts, write, nonfinite, ws)
-        thresholds = _select(kern, b, f, coef, hists, ks, starts, ws)
+    hists = _pass1(kern, b, f, coef, stats, counts, starts, write, nonfinite, ws)
+    thresholds, gathered = _select(kern, b, f, coef, hists, ks, starts, ws)
     # sum |tau|, sum |base|, sum |tau|/|base|, sum tau^2: chunk sums added in a fixed order
     totals = [float(x) for x in stats.sum(0)] if len(starts) > 1 else stats[0].tolist()
     rules = [[_rule(t, n) for t in thresholds[j]] for j in range(2)]
@@ -137,15 +132,15 @@ def _score_native(
     sums = torch.zeros(len(starts), 2, len(ks), dtype=torch.float64)
     quotas = ties.expand(len(starts), 2, len(ks)).clone()  # ties left per chunk
     if in_order and len(starts) > 1:
+        # Every key equal to a threshold is among the gathered keys: count each chunk's there.
+        assert gathered is not None
         eq = torch.zeros(len(starts), 2, len(ks), dtype=torch.int64)
-
-        def count(p: int, workers: int) -> torch.Tensor:
-            for i in range(p, len(starts), workers):
-                sl = slice(starts[i], starts[i] + step)
-                kern.score_count(b[sl], f[sl], coef, keys_t, eq[i])
-            return torch.zeros(1, dtype=torch.int64)
-
-        scoring.on_parts(count, ws.workers, len(starts))
+        for j in range(2):
+            keys_j, spans = gathered[j]
+            for s_idx, (key, _, one_by_one) in enumerate(rules[j]):
+                if one_by_one:
+                    for i, (at, size) in enumerate(spans):
+                        eq[i, j, s_idx] = kern.count_eq(keys_j[at : at + size], key)
         before = eq.cumsum(0) - eq  # ties in the chunks before each
         partial = (ties != 0) & (ties != ALL_TIES)
         share = (ties - before).clamp_(min=0).minimum(eq)
@@ -180,6 +175,59 @@ def _score_native(
                 sq_magnitude=float(sq_kept[1, j]),
                 kept=k,
                 overlap=int(kept[2, j]),
+            )
+        )
+    return out
+
+
+def _score_small(
+    kern: native.Kernels,
+    name: str,
+    b: torch.Tensor,
+    f: torch.Tensor,
+    ks: Sequence[int],
+    coef: float,
+    write: Callable[[torch.Tensor], None] | None,
+    ws: Workspace,
+) -> list[Sums]:
+    """``_score_native`` for a tensor of one chunk at most, in one kernel call
+    (``native.score_small``): the keys are kept in the run's key buffer, and every threshold
+    comes from one shared radix select per method instead of a histogram per tensor. The same
+    figures, bit for bit, as the three passes (tested)."""
+    n, m = b.numel(), len(ks)
+    keys = ws.keys.take(2 * n, torch.int32)
+    scores = torch.empty(n, dtype=torch.float32) if write is not None else None
+    out_f = torch.zeros(4 + 2 * m, dtype=torch.float64)
+    out_i = torch.zeros(2 + 3 * m, dtype=torch.int64)
+    try:
+        kern.score_small(b, f, coef, torch.tensor(ks, dtype=torch.int64), keys, scores,
+                         out_f, out_i)  # fmt: skip
+    finally:
+        ws.keys.give_back(keys)
+    sums, counts = out_f.tolist(), out_i.tolist()
+    if not math.isfinite(sums[3]):
+        check_finite(b, name, "base")
+        check_finite(f, name, "finetuned")
+    if scores is not None and write is not None:
+        write(scores)
+    out = []
+    for j, k in enumerate(ks):
+        kept_f, kept_m, overlap = counts[2 + j], counts[2 + m + j], counts[2 + 2 * m + j]
+        if kept_f != k or kept_m != k:
+            raise AssertionError(f"{name}: masks keep {[kept_f, kept_m]}, expected {k}")
+        out.append(
+            Sums(
+                numel=n,
+                abs_tau=sums[0],
+                abs_base=sums[1],
+                rel=sums[2],
+                base_nonzero=counts[0],
+                positive=counts[1],
+                sq=sums[3],
+                sq_fapm=sums[4 + j],
+                sq_magnitude=sums[4 + m + j],
+                kept=k,
+                overlap=overlap,
             )
         )
     return out
@@ -244,57 +292,43 @@ def _select(
     ks: Sequence[int],
     starts: range,
     ws: Workspace,
-) -> list[list[Threshold]]:
+) -> tuple[list[list[Threshold]], list[tuple[torch.Tensor, list[tuple[int, int]]]] | None]:
     """Every sparsity's exact threshold for both methods: the top buckets from ``hists``, then
-    the low 16 bits inside all of them as two 8-bit digits, each one pass over the chunks (one
-    slot per distinct bucket, then per distinct bucket and first digit)."""
+    one pass gathering the keys in those buckets (``_gather``) and a radix select among them in
+    memory (``native.select_many``, shared by the thresholds). Also returns, per method, the
+    gathered keys and each chunk's span of them (None when no threshold needed them)."""
     n = b.numel()
     found: list[list[tuple[int, int] | None]] = [
         [scoring.top_bucket(hists[j], k) if 0 < k < n else None for k in ks] for j in range(2)
     ]
     slots = [sorted({x[0] for x in found[j] if x is not None}) for j in range(2)]
     if not any(slots):
-        return [[_edge(k, n) for k in ks] for _ in "fm"]
-    luts = torch.full((2, 1 << 16), -1, dtype=torch.int16)
+        return [[_edge(k, n) for k in ks] for _ in "fm"], None
+    sel = torch.zeros(2, 1 << 16, dtype=torch.uint8)
     for j in range(2):
-        for slot, bucket in enumerate(slots[j]):
-            luts[j, bucket] = slot
-    width = [max(1, len(slots[j])) for j in range(2)]
-    subs = [torch.full((width[j], 256), -1, dtype=torch.int16) for j in range(2)]
-    first = _digit_pass(kern, b, f, coef, 0, luts, subs, width, starts, ws)
-    # each threshold's first digit: (slot, digit, keys above it in the bucket)
-    mids: list[list[tuple[int, int, int] | None]] = []
-    for j in range(2):
-        row: list[tuple[int, int, int] | None] = []
-        for k, at in zip(ks, found[j], strict=True):
-            if at is None:
-                row.append(None)
-                continue
-            slot = slots[j].index(at[0])
-            digit, above = scoring.top_bucket(first[j][slot], k - at[1])
-            row.append((slot, digit, above))
-        mids.append(row)
-    pairs = [sorted({(x[0], x[1]) for x in mids[j] if x is not None}) for j in range(2)]
-    for j in range(2):
-        for sub, (slot, digit) in enumerate(pairs[j]):
-            subs[j][slot, digit] = sub
-    second = _digit_pass(kern, b, f, coef, 1, luts, subs, [len(x) for x in pairs], starts, ws)
+        sel[j, slots[j]] = 1
+    gathered = _gather(kern, b, f, coef, hists, sel, starts, ws)
     out: list[list[Threshold]] = []
     for j in range(2):
+        # Among the gathered keys, those above bucket B are the keys of the chosen buckets
+        # above B: the rank of the k-th largest there is k - above + those.
+        counts = {x: int(hists[j, x]) for x in slots[j]}
+        wanted = []
+        for k, at in zip(ks, found[j], strict=True):
+            if at is not None:
+                higher = sum(c for x, c in counts.items() if x > at[0])
+                wanted.append((k, at[1], higher))
+        ranks = [k - above + higher for k, above, higher in wanted]
+        picks = iter(zip(wanted, kern.select_many(gathered[j][0], ranks), strict=True))
         thresholds = []
-        for k, at, mid in zip(ks, found[j], mids[j], strict=True):
-            if at is None or mid is None:
+        for k, at in zip(ks, found[j], strict=True):
+            if at is None:
                 thresholds.append(_edge(k, n))
                 continue
-            bucket, above = at
-            slot, digit, above_mid = mid
-            inside = second[j][pairs[j].index((slot, digit))]
-            low, above_low = scoring.top_bucket(inside, k - above - above_mid)
-            key = scoring.bucket_low(bucket) + (digit << 8) + low
-            ties = k - above - above_mid - above_low
-            thresholds.append(scoring.settled(key, ties, int(inside[low])))
+            (_, above, higher), (key, above_here, equal) = next(picks)
+            thresholds.append(scoring.settled(key, k - above - (above_here - higher), equal))
         out.append(thresholds)
-    return out
+    return out, gathered
 
 
 def _edge(k: int, n: int) -> Threshold:
@@ -303,33 +337,45 @@ def _edge(k: int, n: int) -> Threshold:
     return edge
 
 
-def _digit_pass(
+def _gather(
     kern: native.Kernels,
     b: torch.Tensor,
     f: torch.Tensor,
     coef: float,
-    level: int,
-    luts: torch.Tensor,
-    subs: list[torch.Tensor],
-    width: list[int],
+    hists: torch.Tensor,
+    sel: torch.Tensor,
     starts: range,
     ws: Workspace,
-) -> list[torch.Tensor]:
-    """One 8-bit digit pass of ``_select`` on the scoring threads: per method, (slots, 256)
-    counts."""
+) -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
+    """The keys of both methods in the buckets ``sel`` marks (``native.score_gather``), one
+    pass on the scoring threads: per method, one array of exactly as many keys as ``hists``
+    counts there, and each chunk's (start, size) in it (chunks land in any order; inside a
+    chunk the keys keep their flat order)."""
     step = starts.step
-    size = [max(1, w) * 256 for w in width]
+    totals = [int(hists[j][sel[j].bool()].sum()) for j in range(2)]
+    dest = [torch.empty(max(1, t), dtype=torch.int32) for t in totals]
+    spans: list[list[tuple[int, int]]] = [[(0, 0)] * len(starts) for _ in range(2)]
+    cursor = [0, 0]
+    lock = threading.Lock()
 
     def part(p: int, workers: int) -> torch.Tensor:
-        mine = torch.zeros(size[0] + size[1], dtype=torch.int64)
+        scratch = torch.empty(2, min(step, b.numel()), dtype=torch.int32)
         for i in range(p, len(starts), workers):
             sl = slice(starts[i], starts[i] + step)
-            kern.score_bucket(b[sl], f[sl], coef, level, (luts[0], luts[1]),
-                              (subs[0], subs[1]), (mine[: size[0]], mine[size[0] :]))  # fmt: skip
-        return mine
+            sizes = kern.score_gather(b[sl], f[sl], coef, sel, scratch[0], scratch[1])
+            with lock:
+                at = list(cursor)
+                cursor[0] += sizes[0]
+                cursor[1] += sizes[1]
+            for j in range(2):
+                dest[j][at[j] : at[j] + sizes[j]].copy_(scratch[j, : sizes[j]])
+                spans[j][i] = (at[j], sizes[j])
+        return torch.zeros(1, dtype=torch.int64)
 
-    counts = scoring.on_parts(part, ws.workers, len(starts))
-    return [counts[: size[0]].view(-1, 256), counts[size[0] :].view(-1, 256)]
+    scoring.on_parts(part, ws.workers, len(starts))
+    if cursor != totals:  # the histogram and the gather see the same keys
+        raise AssertionError(f"gathered {cursor} keys, the histograms count {totals}")
+    return [(dest[j][: totals[j]], spans[j]) for j in range(2)]
 
 
 def _score_torch(
