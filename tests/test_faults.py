@@ -302,3 +302,46 @@ def test_two_runs_racing_for_one_output(tmp_path: Path, small: tuple[Path, Path,
     assert all(torch.equal(got[n], expected[n]) for n in expected)
     meta = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(meta["weight_map"].values()) == {p.name for p in out.glob("*.safetensors")}
+
+
+def test_a_signal_while_a_thread_starts_is_raised_after_it() -> None:
+    """A signal handler's exception inside ``signals_deferred`` (threads being started) waits
+    for the end of the block; outside, it is raised at once."""
+    from fapm_cli import errors
+
+    errors.clear_signals()
+    reached = []
+    try:
+        with pytest.raises(KeyboardInterrupt), errors.signals_deferred():  # noqa: PT012
+            errors.raise_or_defer(KeyboardInterrupt())
+            reached.append(1)  # the block went on
+        assert reached
+        errors.clear_signals()
+        with pytest.raises(KeyboardInterrupt):
+            errors.raise_or_defer(KeyboardInterrupt())
+    finally:
+        errors.clear_signals()
+
+
+def test_a_lost_signal_still_stops_the_run(tmp_path: Path, small: tuple[Path, Path, Any]) -> None:
+    """A signal whose exception Python swallowed (raised in a weakref callback or __del__) is
+    raised again at the next item, and at the latest before the output is published."""
+    from fapm_cli import errors
+
+    b, f, _ = small
+
+    def swallowed() -> None:
+        # what "Exception ignored in ..." amounts to
+        with contextlib.suppress(errors.Interrupted):
+            errors.raise_or_defer(errors.Interrupted("terminated by SIGTERM"))
+
+    out = tmp_path / "out"
+    try:
+        with pytest.raises(errors.Interrupted):
+            verbs_prune.prune(
+                str(b), str(f), str(out), plan.PruneOptions(), progress=OnFirstTensor(swallowed)
+            )
+    finally:
+        errors.clear_signals()
+    assert not out.exists()
+    assert not stray_temps(tmp_path)

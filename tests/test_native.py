@@ -258,6 +258,57 @@ def _never(start: int, stop: int) -> None:
 
 
 @needs_kernels
+@pytest.mark.parametrize("method", ["fapm", "magnitude", "ratio"])
+@pytest.mark.parametrize("sparsity", ["0", "0.5", "0.9", "1"])
+def test_small_prune_in_one_call_equals_the_general_path(
+    tmp_path: Path, method: str, sparsity: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``native.prune_small`` (a small tensor in one kernel call) against the same run
+    through rank_tensor and select_write: the same files and figures, with ties across the
+    threshold, zeros in base, float32 and float16 tensors, and a tau^2 that overflows although
+    every input is finite (the kernel stops, the inputs are checked, the run goes on)."""
+    gen = torch.Generator().manual_seed(9)
+    base, ft = {}, {}
+    for i, (n, dtype) in enumerate([(4096, torch.bfloat16), (77, torch.float32),
+                                    (300, torch.float16), (1, torch.bfloat16)]):  # fmt: skip
+        b = (torch.randn(n, generator=gen) * 0.02).to(dtype)
+        f = (b.float() + torch.randn(n, generator=gen) * 5e-4).to(dtype)
+        if n > 100:
+            b[n // 4 : n // 2], f[n // 4 : n // 2] = 0.01, 0.0105
+            b[:3] = 0.0
+        base[f"t{i}"], ft[f"t{i}"] = b, f
+    base["big"] = torch.tensor([1e30, -2e30, 3.0, 4.0], dtype=torch.float32)
+    ft["big"] = torch.tensor([-1e30, 2e30, 3.5, 4.0], dtype=torch.float32)
+    bd = write_checkpoint(tmp_path / "b", base)
+    fd = write_checkpoint(tmp_path / "f", ft)
+    opts = plan.PruneOptions(method=Method(method), sparsity=Fraction(sparsity), lam=0.7)
+    one = verbs_prune.prune(str(bd), str(fd), str(tmp_path / "one"), opts)
+    monkeypatch.setattr(scoring, "SMALL_TENSOR", 0)
+    general = verbs_prune.prune(str(bd), str(fd), str(tmp_path / "general"), opts)
+    for shard in sorted((tmp_path / "general").iterdir()):
+        assert (tmp_path / "one" / shard.name).read_bytes() == shard.read_bytes(), shard
+    assert [r.to_json() for r in one.tensors] == [r.to_json() for r in general.tensors]
+    got = load_checkpoint(tmp_path / "one")
+    for name in base:
+        b, f = base[name], ft[name]
+        want = torch.where(reference_mask(b, f, Fraction(sparsity), method, lam=0.7), f, b)
+        assert torch.equal(got[name], want), name
+
+
+@needs_kernels
+def test_small_prune_refuses_nan_by_name(tmp_path: Path) -> None:
+    from fapm_cli.errors import InputError
+
+    b = torch.zeros(64, dtype=torch.bfloat16) + 0.5
+    f = b.clone()
+    f[7] = float("nan")
+    bd = write_checkpoint(tmp_path / "b", {"w": b})
+    fd = write_checkpoint(tmp_path / "f", {"w": f})
+    with pytest.raises(InputError, match=r"'w'.*finetuned contains NaN"):
+        verbs_prune.prune(str(bd), str(fd), str(tmp_path / "o"), plan.PruneOptions())
+
+
+@needs_kernels
 @pytest.mark.parametrize("sparsity", ["0", "0.5", "0.9", "0.999", "1"])
 def test_engine_output_is_the_same_on_both_paths(
     tmp_path: Path, sparsity: str, monkeypatch: pytest.MonkeyPatch

@@ -160,7 +160,24 @@ def test_cli_output_equals_reference_and_threads_change_no_byte(tmp_path: Path) 
         assert torch.equal(got[name].view(torch.int16), t.view(torch.int16)), name
 
 
-def test_pipelined_run_equals_sequential_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("min_bytes", [0, None])
+def test_pipelined_run_equals_sequential_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_bytes: int | None
+) -> None:
+    """The reader thread (forced on for these small tensors: min_bytes 0) gives the bytes of
+    the sequential run; with the default rule, tensors this small are read without it."""
+    from fapm_cli.io import reader
+
+    started = []
+
+    class Counted(reader.Prefetcher):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            started.append(1)
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reader, "Prefetcher", Counted)
+    if min_bytes is not None:
+        monkeypatch.setattr(reader, "PREFETCH_MIN_BYTES", min_bytes)
     bdir, fdir, _, _ = _pair_dirs(tmp_path)
     results = {}
     for prefetch in (True, False):
@@ -169,6 +186,7 @@ def test_pipelined_run_equals_sequential_run(tmp_path: Path) -> None:
                               max_shard_size=800_000, prefetch=prefetch)  # fmt: skip
         results[prefetch] = (_files(out), [(r.name, r.kept, r.sq_norm) for r in report.tensors])
     assert results[True] == results[False]
+    assert len(started) == (1 if min_bytes == 0 else 0)
 
 
 # -- a run under a memory limit smaller than one checkpoint ------------------------------------

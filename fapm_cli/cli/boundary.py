@@ -21,7 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import typer
 
-from fapm_cli.errors import ExitCode, FapmError, Interrupted
+from fapm_cli.errors import ExitCode, FapmError, Interrupted, clear_signals, raise_or_defer
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -34,10 +34,16 @@ def set_debug(value: bool) -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Interrupted(
-        "terminated by SIGTERM; nothing was written",
-        hint="the inputs are unchanged; run the command again to finish",
+    raise_or_defer(
+        Interrupted(
+            "terminated by SIGTERM; nothing was written",
+            hint="the inputs are unchanged; run the command again to finish",
+        )
     )
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    raise_or_defer(KeyboardInterrupt())
 
 
 def _print_error(message: str, hint: str | None) -> None:
@@ -54,15 +60,19 @@ def boundary(fn: Callable[P, R]) -> Callable[P, R]:
         previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigint)
             if hasattr(signal, "SIGXFSZ"):
                 # Over RLIMIT_FSIZE, write() then fails with EFBIG (reported as a resource
                 # error) instead of the process being killed with the temporary output left.
                 previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        clear_signals()
         try:
             return _run(fn, *args, **kwargs)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            clear_signals()
 
     return wrapper
 

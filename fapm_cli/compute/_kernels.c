@@ -37,7 +37,7 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { M_FAPM = 0, M_MAGNITUDE = 1, M_RATIO = 2 };
 
 /* Bumped whenever a signature or a result changes; native.py refuses a stale build. */
-#define ABI_VERSION 10
+#define ABI_VERSION 11
 
 #define BLOCK 1024 /* elements per inner block: its float scratch stays in L1 */
 #define BINS 65536
@@ -221,10 +221,25 @@ static inline void digit_hist(const uint32_t *u, int64_t m, int shift, uint32_t 
     for (int b = 0; b < 256; b++) hist[b] = h[0][b] + h[1][b] + h[2][b] + h[3][b];
 }
 
-HOT API int fapm_select_small(const int32_t *keys, int64_t n, int64_t k, int32_t *key,
-                              int64_t *above, int64_t *eq) {
-    uint32_t *cand = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
-    if (!cand) return -1;
+/* A per-thread scratch array of at least n uint32, kept for the thread's next call (small
+ * tensors come by the thousand: a malloc of a few hundred kB each time can be an mmap and
+ * its page faults). NULL when there is no memory. */
+static uint32_t *scratch(int64_t n) {
+    static __thread uint32_t *buf;
+    static __thread int64_t cap;
+    if (n > cap) {
+        uint32_t *grown = (uint32_t *)realloc(buf, (size_t)(n > 1024 ? n : 1024) * 4);
+        if (!grown) return NULL;
+        buf = grown;
+        cap = n > 1024 ? n : 1024;
+    }
+    return buf;
+}
+
+static inline __attribute__((always_inline)) int select_into(const int32_t *keys, int64_t n,
+                                                             int64_t k, uint32_t *cand,
+                                                             int32_t *key, int64_t *above,
+                                                             int64_t *eq) {
     int64_t need = k, m = 0;
     int64_t hist[256];
     digit_hist((const uint32_t *)keys, n, 24, 0x80000000u, hist);
@@ -254,8 +269,14 @@ HOT API int fapm_select_small(const int32_t *keys, int64_t n, int64_t k, int32_t
     *key = (int32_t)(cand[0] ^ 0x80000000u);
     *above = k - need;
     *eq = m;
-    free(cand);
     return 0;
+}
+
+HOT API int fapm_select_small(const int32_t *keys, int64_t n, int64_t k, int32_t *key,
+                              int64_t *above, int64_t *eq) {
+    uint32_t *cand = scratch(n);
+    if (!cand) return -1;
+    return select_into(keys, n, k, cand, key, above, eq);
 }
 
 /* Adds the 4 interleaved uint32 histograms of fapm_score_keys into hist[65536] (int64) and
@@ -355,6 +376,50 @@ HOT API double fapm_select_write(const int32_t *keys, int64_t n, int32_t t, int6
     *kept = nkept;
     *ties_used = ties;
     return s;
+}
+
+/* fapm prune of one small tensor whose base, finetuned and output share the dtype dt, in one
+ * call: the mean |base| and coef = lam * mean rounded as scoring._rank_small rounds them, the
+ * keys (fapm_score_keys, into a per-thread scratch), the threshold (fapm_select_small, in
+ * the form scoring.settled gives it) and the output (fapm_select_write): the same bytes and
+ * sums as those steps, without a Python call between them. res[0] gets sum tau^2, res[1]
+ * the kept tau^2, *kept the kept count. Returns 0; 1 when sum tau^2 is not finite and
+ * force is 0 (nothing is written: the caller checks the inputs, then calls again with force
+ * 1 if they are finite); -1 when no scratch memory could be had. */
+HOT API int fapm_prune_small(int method, int dt, const void *base, const void *ft, int64_t n,
+                             double lam, int64_t k, void *out, int force, double *res,
+                             int64_t *kept) {
+    uint32_t *buf = scratch(2 * n);
+    if (!buf) return -1;
+    int32_t *keys = (int32_t *)buf;
+    float m = method == M_FAPM && n ? (float)(fapm_sum_abs(dt, base, n) / (double)n) : 0.0f;
+    float coef = (float)((double)(float)lam * (double)m);
+    double sq = fapm_score_keys(method, dt, dt, base, ft, n, coef, keys, NULL);
+    if (!force && !(sq - sq == 0)) return 1; /* inf or nan */
+    int32_t t;
+    int64_t ties;
+    if (k >= n) {
+        t = INT32_MIN;
+        ties = n;
+    } else if (k <= 0) {
+        t = INT32_MAX;
+        ties = 0;
+    } else {
+        int32_t key;
+        int64_t above, eq;
+        /* the candidates of the select go after the keys in the same scratch */
+        if (select_into(keys, n, k, buf + n, &key, &above, &eq)) return -1;
+        t = key;
+        ties = k - above;
+        if (key > INT32_MIN && eq == ties) {
+            t = key - 1;
+            ties = 0;
+        }
+    }
+    int64_t used;
+    res[0] = sq;
+    res[1] = fapm_select_write(keys, n, t, ties, dt, base, ft, out, kept, &used);
+    return 0;
 }
 
 /* float32 -> bfloat16, round to nearest even: torch's conversion of every non-NaN value.

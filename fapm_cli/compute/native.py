@@ -16,7 +16,7 @@ from functools import cache
 
 import torch
 
-ABI_VERSION = 10
+ABI_VERSION = 11
 ENV = "FAPM_NATIVE"  # "0": use the torch path (for comparisons and troubleshooting)
 
 # The dtype codes of _kernels.c. Scores are float32 for these; float64 inputs use torch.
@@ -231,6 +231,31 @@ class Kernels:
         n = keys.numel()
         return int(self._for(n).fapm_count_eq(keys.data_ptr(), n, t))
 
+    def prune_small(
+        self,
+        method: str,
+        base: torch.Tensor,
+        finetuned: torch.Tensor,
+        lam: float,
+        k: int,
+        out: torch.Tensor,
+        force: bool,
+    ) -> tuple[float, float, int] | None:
+        """A small tensor pruned in one call (base, finetuned and ``out`` of one dtype; ``out``
+        may be ``finetuned``): (sum tau^2, kept tau^2, kept). None: sum tau^2 is not finite
+        and ``force`` is off; nothing was written (check the inputs, then force)."""
+        res, kept = (ctypes.c_double * 2)(), _I64()
+        n = base.numel()
+        rc = self._for(n).fapm_prune_small(
+            METHODS[method], DTYPES[base.dtype], base.data_ptr(), finetuned.data_ptr(), n, lam,
+            k, out.data_ptr(), int(force), res, ctypes.byref(kept),
+        )  # fmt: skip
+        if rc == 1:
+            return None
+        if rc != 0:
+            raise MemoryError(f"no memory to select among {n} keys")
+        return res[0], res[1], kept.value
+
     def select_write(
         self,
         keys: torch.Tensor,
@@ -295,6 +320,11 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fapm_unpack_bits.restype = None
     lib.fapm_count_eq.argtypes = [_P, _I64, ctypes.c_int32]
     lib.fapm_count_eq.restype = ctypes.c_int64
+    lib.fapm_prune_small.argtypes = [
+        ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_double, _I64, _P, ctypes.c_int, _P,
+        _P,
+    ]  # fmt: skip
+    lib.fapm_prune_small.restype = ctypes.c_int
     lib.fapm_select_write.argtypes = [
         _P, _I64, ctypes.c_int32, _I64, ctypes.c_int, _P, _P, _P, _P, _P,
     ]  # fmt: skip

@@ -201,6 +201,22 @@ def _prune_native(
         check_finite(b[start:stop], item.name, "base")
         check_finite(f[start:stop], item.name, "finetuned")
 
+    if n <= scoring.SMALL_TENSOR:
+        # One kernel call: the steps below (rank_tensor's small path, one output chunk) with
+        # no Python between them; most of a tiny tensor's time was those calls.
+        out = f if inplace else torch.empty_like(f)
+        done = kern.prune_small(opts.method.value, b, f, opts.lam, k, out, False)
+        if done is None:  # sum(tau^2) is not finite: refuse NaN/Inf inputs, else go on
+            nonfinite(0, n)
+            done = kern.prune_small(opts.method.value, b, f, opts.lam, k, out, True)
+            assert done is not None
+        sq_total, sq_kept, kept = done
+        if kept != k:
+            raise AssertionError(f"{item.name}: kept {kept} entries, expected {k}")
+        write(out)
+        return TensorResult(
+            item.name, item.out.shape, item.out.dtype.name, item.action, n, k, sq_kept, sq_total
+        )
     ranked = scoring.rank_tensor(opts.method, b, f, k, opts.lam, nonfinite, ws)
     try:
         starts = range(0, n, NATIVE_OUT_CHUNK)

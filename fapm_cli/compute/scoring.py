@@ -33,6 +33,7 @@ from typing import TypeVar
 import torch
 
 from fapm_cli.compute import native
+from fapm_cli.errors import signals_deferred
 from fapm_cli.plan import Method
 
 _T = TypeVar("_T")
@@ -124,7 +125,8 @@ def imap_chunks(fn: Callable[[int], _T], starts: Sequence[int], workers: int) ->
         ahead: collections.deque[Future[_T]] = collections.deque()
         try:
             for c in starts:
-                ahead.append(pool.submit(fn, c))
+                with signals_deferred():  # a submit may start a thread
+                    ahead.append(pool.submit(fn, c))
                 if len(ahead) >= 2 * workers:
                     yield ahead.popleft().result()
             while ahead:
@@ -207,7 +209,9 @@ def on_parts(fn: Callable[[int, int], torch.Tensor], workers: int, chunks: int) 
     if workers == 1:
         return fn(0, 1)
     with ThreadPoolExecutor(workers, thread_name_prefix="fapm-score") as pool:
-        return torch.stack(list(pool.map(fn, range(workers), [workers] * workers))).sum(0)
+        with signals_deferred():  # each submit starts a thread
+            parts = [pool.submit(fn, p, workers) for p in range(workers)]
+        return torch.stack([p.result() for p in parts]).sum(0)
 
 
 def select_threshold(keys: torch.Tensor, k: int) -> Threshold:
@@ -444,24 +448,11 @@ def threshold_in_bucket(bucket: int, above: int, inside: torch.Tensor, k: int) -
 def small_threshold(kern: native.Kernels, keys: torch.Tensor, k: int) -> Threshold:
     """The exact threshold of a few int32 keys (``native.select_small``); the same as the
     histogram path's, including its form when every tie is kept."""
-    return small_thresholds(kern, keys, [k])[0]
-
-
-def small_thresholds(
-    kern: native.Kernels, keys: torch.Tensor, ks: Sequence[int]
-) -> list[Threshold]:
-    """``small_threshold`` for each k: one radix select per k (sorting the keys once for a
-    sweep measured slower: 180-270 us against 6 x 40 us for 24,576 keys)."""
-    n = keys.numel()
-    at = {k: kern.select_small(keys, k) for k in dict.fromkeys(ks) if 0 < k < n}
-    out = []
-    for k in ks:
-        edge = edge_threshold(k, n)
-        if edge is None:
-            key, above, eq = at[k]
-            edge = settled(key, k - above, eq)
-        out.append(edge)
-    return out
+    edge = edge_threshold(k, keys.numel())
+    if edge is not None:
+        return edge
+    key, above, eq = kern.select_small(keys, k)
+    return settled(key, k - above, eq)
 
 
 class KeyBuffer:

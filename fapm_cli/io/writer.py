@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fapm_cli.errors import FapmError, OutputError, ResourceError
+from fapm_cli.errors import (
+    FapmError,
+    OutputError,
+    ResourceError,
+    check_signals,
+    signals_deferred,
+)
 from fapm_cli.io.header import PlannedTensor, build_header, read_header
 from fapm_cli.io.parts import MARKER as PART_MARKER
 from fapm_cli.plan import VERSION_KEY
@@ -418,6 +424,7 @@ class CheckpointWriter:
         os.chmod(path, FILE_MODE)
 
     def _move_into_place(self) -> None:
+        check_signals()  # a SIGINT/SIGTERM whose exception was lost: publish nothing
         out = self.output
         old: Path | None = None
         if out.exists() or out.is_symlink():
@@ -511,7 +518,8 @@ class _Worker:
         self._closed = False
         self._open_fds: list[int] = []
         self._thread = threading.Thread(target=self._run, name="fapm-writer", daemon=True)
-        self._thread.start()
+        with signals_deferred():
+            self._thread.start()
 
     def submit(self, job: Callable[[], None], nbytes: int, *, always: bool = False) -> None:
         with self._cond:
