@@ -7,6 +7,8 @@ Score figures are ratios of additive sums (``Sums``), so roll-ups per layer, mod
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -262,7 +264,21 @@ class PlotMetric(StrEnum):
 
 
 def figures(s: Sums) -> dict[str, float | int | None]:
-    return {name: getattr(s, name) for name in FIGURES}
+    """The row of FIGURES for ``s``: the properties' values, computed here in one go (a
+    sweep's report makes this row for every tensor at every sparsity)."""
+    n, sq, union = s.numel, s.sq, 2 * s.kept - s.overlap
+    return {
+        "numel": n,
+        "mean_abs_tau": s.abs_tau / n if n else None,
+        "mean_abs_base": s.abs_base / n if n else None,
+        "mean_rel_change": s.rel / s.base_nonzero if s.base_nonzero else None,
+        "base_zero": n - s.base_nonzero,
+        "positive_score_fraction": s.positive / n if n else None,
+        "fapm_sq_norm_kept_fraction": s.sq_fapm / sq if sq > 0 else None,
+        "magnitude_sq_norm_kept_fraction": s.sq_magnitude / sq if sq > 0 else None,
+        "mask_jaccard": s.overlap / union if union else None,
+        "kept": s.kept,
+    }
 
 
 @dataclass(frozen=True)
@@ -288,7 +304,7 @@ class ForgettingReport:
 
     @property
     def total(self) -> Sums:
-        return sum((t.sums for t in self.tensors), Sums())
+        return total(t.sums for t in self.tensors)
 
     def by_layer(self) -> list[tuple[int | None, Sums]]:
         """Per layer, in layer order; tensors outside any layer last (key None)."""
@@ -304,11 +320,20 @@ class ForgettingReport:
 
 
 def _group(tensors: Iterable[TensorScore], key: Callable[[TensorScore], K]) -> dict[K, Sums]:
-    out: dict[K, Sums] = {}
+    members: dict[K, list[Sums]] = {}
     for t in tensors:
-        k = key(t)
-        out[k] = out.get(k, Sums()) + t.sums
-    return out
+        members.setdefault(key(t), []).append(t.sums)
+    return {k: total(v) for k, v in members.items()}
+
+
+_FIELDS = [operator.attrgetter(f.name) for f in fields(Sums)]
+
+
+def total(parts: Iterable[Sums]) -> Sums:
+    """``Sums() + a + b + ...``, field by field in C (reduce over operator.add: the same
+    additions in the same order; builtin sum would not promise that order for floats)."""
+    rows = list(parts)
+    return Sums(*(functools.reduce(operator.add, map(get, rows), get(Sums())) for get in _FIELDS))
 
 
 def sort_tensors(

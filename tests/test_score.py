@@ -497,6 +497,17 @@ def test_indented_json_is_the_standard_librarys(tmp_path: Path) -> None:
     for _ in range(3000):
         d = doc(0)
         assert dumps_indented(d) == json.dumps(d, indent=2, allow_nan=False)
+    from collections import OrderedDict
+
+    from fapm_cli.plan import Method
+
+    odd = [  # subclasses of dict and str, tuples, keys that are not strings
+        {"a": OrderedDict(b=[1, (2, 3)], c={}), "m": Method.FAPM, "e": [{"f": OrderedDict()}]},
+        {1: [1], "x": {2: 3}, "k": {1.5: None}},
+        [OrderedDict(z=1), (), {}],
+    ]
+    for d in odd:
+        assert dumps_indented(d) == json.dumps(d, indent=2, allow_nan=False)
     for bad in ({"a": float("nan")}, [float("inf")], {"a": [1, {"b": float("-inf")}]}):
         with pytest.raises(ValueError):
             dumps_indented(bad)
