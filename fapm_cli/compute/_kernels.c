@@ -37,7 +37,7 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { M_FAPM = 0, M_MAGNITUDE = 1, M_RATIO = 2 };
 
 /* Bumped whenever a signature or a result changes; native.py refuses a stale build. */
-#define ABI_VERSION 11
+#define ABI_VERSION 12
 
 #define BLOCK 1024 /* elements per inner block: its float scratch stays in L1 */
 #define BINS 65536
@@ -875,21 +875,29 @@ HOT API void fapm_score_gather(int bdt, int fdt, const void *base, const void *f
     counts[1] = jm;
 }
 
-/* fapm score of one small tensor (n <= a chunk) at ks[0:ms] kept entries: fapm_score_pass
- * (stats, counts, optional scores) with the keys kept in keys_f, keys_m (n each), both
+/* fapm score of one small tensor (n <= a chunk) at ks[0:ms] kept entries, in one call: the
+ * mean |base| and coef = lam * mean rounded as compute.score rounds them, fapm_score_pass
+ * (stats, counts, optional scores) with both methods' keys kept in a per-thread scratch, both
  * methods' thresholds by the shared radix select, then fapm_score_final's figures from the
  * kept keys (tau^2 from the magnitude key: |tau|'s bits): the same figures, bit for bit, as
- * those three steps, with no per-tensor histogram and one call from Python. stats[3] (sum
- * tau^2) is not finite when an input is not (the caller checks). Returns 0, -1 (no memory)
- * or -2 (ms out of range). */
+ * those steps, with no per-tensor histogram. out_f (4 + 2 ms) gets the four sums of
+ * fapm_score_pass, then the kept tau^2 of FAPM and of magnitude per sparsity; out_i (2 + 3 ms)
+ * its two counts, then per sparsity the FAPM, magnitude and overlap counts. out_f[3] (sum
+ * tau^2) is not finite when an input is not (the caller checks). Returns 0, -1 (no memory) or
+ * -2 (ms out of range). */
 HOT API int fapm_score_small(int bdt, int fdt, const void *base, const void *ft, int64_t n,
-                             float coef, int ms, const int64_t *ks, int32_t *keys_f,
-                             int32_t *keys_m, float *scores, double *stats, int64_t *counts,
-                             double *sq_f, double *sq_m, int64_t *kept_f, int64_t *kept_m,
-                             int64_t *overlap) {
+                             double lam, int ms, const int64_t *ks, float *scores,
+                             double *out_f, int64_t *out_i) {
     if (ms < 1 || ms > MAXS) return -2;
-    fapm_score_pass(bdt, fdt, base, ft, n, coef, keys_f, keys_m, NULL, NULL, scores, stats,
-                    counts);
+    uint32_t *buf = scratch(2 * n);
+    if (!buf) return -1;
+    int32_t *keys_f = (int32_t *)buf, *keys_m = (int32_t *)buf + n;
+    memset(out_f, 0, (size_t)(4 + 2 * ms) * sizeof(double));
+    memset(out_i, 0, (size_t)(2 + 3 * ms) * sizeof(int64_t));
+    float mean = n ? (float)(fapm_sum_abs(bdt, base, n) / (double)n) : 0.0f;
+    float coef = (float)((double)(float)lam * (double)mean);
+    fapm_score_pass(bdt, fdt, base, ft, n, coef, keys_f, keys_m, NULL, NULL, scores, out_f,
+                    out_i);
     int32_t tf[MAXS], tm[MAXS];
     int64_t ties_f[MAXS], ties_m[MAXS];
     if (thresholds_of(keys_f, n, ms, ks, tf, ties_f) || thresholds_of(keys_m, n, ms, ks, tm, ties_m))
@@ -897,6 +905,7 @@ HOT API int fapm_score_small(int bdt, int fdt, const void *base, const void *ft,
     double lf[MAXS][8], lm[MAXS][8];
     lanes_zero(ms, lf, lm);
     float a2[BLOCK];
+    int64_t *kept_f = out_i + 2, *kept_m = out_i + 2 + ms, *overlap = out_i + 2 + 2 * ms;
     for (int64_t c = 0; c < n; c += BLOCK) {
         int64_t m = n - c < BLOCK ? n - c : BLOCK;
         const int32_t *kf = keys_f + c, *km = keys_m + c;
@@ -906,7 +915,7 @@ HOT API int fapm_score_small(int bdt, int fdt, const void *base, const void *ft,
         }
         final_block(kf, km, a2, m, ms, tf, ties_f, tm, ties_m, lf, lm, kept_f, kept_m, overlap);
     }
-    lanes_out(ms, lf, lm, sq_f, sq_m);
+    lanes_out(ms, lf, lm, out_f + 4, out_f + 4 + ms);
     return 0;
 }
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 
-ABI_VERSION = 11
+ABI_VERSION = 12
 ENV = "FAPM_NATIVE"  # "0": use the torch path (for comparisons and troubleshooting)
 
 # The dtype codes of _kernels.c. Scores are float32 for these; float64 inputs use torch.
@@ -138,30 +139,27 @@ class Kernels:
         self,
         base: torch.Tensor,
         finetuned: torch.Tensor,
-        coef: float,
-        ks: torch.Tensor,
-        keys: torch.Tensor,
+        lam: float,
+        ks: Sequence[int],
         scores: torch.Tensor | None,
-        out_f: torch.Tensor,
-        out_i: torch.Tensor,
-    ) -> None:
-        """``fapm score`` of one small tensor at ``ks`` (m int64 kept counts) in one call:
-        ``keys`` (2n int32) is scratch, ``scores`` gets the FAPM scores (float32) if given;
-        ``out_f`` (4 + 2m float64, zeroed) gets the 4 sums of ``score_pass`` then the kept
-        tau^2 of FAPM and magnitude per sparsity, ``out_i`` (2 + 3m int64, zeroed) its 2
-        counts then per sparsity the FAPM, magnitude and overlap counts."""
-        n, m = base.numel(), ks.numel()
-        ip, fp = out_i.data_ptr(), out_f.data_ptr()
+    ) -> tuple[list[float], list[int]]:
+        """``fapm score`` of one small tensor at ``ks`` kept counts, in one call (the mean,
+        keys and thresholds in C; scratch per thread); ``scores`` gets the FAPM scores
+        (float32) if given. Returns the 4 sums of ``score_pass`` then the kept tau^2 of FAPM
+        and magnitude per sparsity, and its 2 counts then per sparsity the FAPM, magnitude and
+        overlap counts."""
+        n, m = base.numel(), len(ks)
+        out_f, out_i = (ctypes.c_double * (4 + 2 * m))(), (_I64 * (2 + 3 * m))()
         rc = self._for(n).fapm_score_small(
             DTYPES[base.dtype], DTYPES[finetuned.dtype], base.data_ptr(), finetuned.data_ptr(),
-            n, coef, m, ks.data_ptr(), keys.data_ptr(), keys.data_ptr() + 4 * n,
-            None if scores is None else scores.data_ptr(), fp, ip, fp + 32, fp + 32 + 8 * m,
-            ip + 16, ip + 16 + 8 * m, ip + 16 + 16 * m,
+            n, lam, m, (_I64 * m)(*ks), None if scores is None else scores.data_ptr(), out_f,
+            out_i,
         )  # fmt: skip
         if rc == -1:
             raise MemoryError(f"no memory to select among {n} keys")
         if rc != 0:
             raise ValueError(f"{m} sparsities in one pass; at most {MAX_SWEEP}")
+        return list(out_f), list(out_i)
 
     def select_many(self, keys: torch.Tensor, ranks: list[int]) -> list[tuple[int, int, int]]:
         """(key, above, eq) of each rank (1 <= rank <= numel) among ``keys`` (int32): as
@@ -300,8 +298,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     ]  # fmt: skip
     lib.fapm_score_final.restype = ctypes.c_int
     lib.fapm_score_small.argtypes = [
-        ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, ctypes.c_int,
-        _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P,
+        ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_double, ctypes.c_int, _P, _P, _P, _P,
     ]  # fmt: skip
     lib.fapm_score_small.restype = ctypes.c_int
     lib.fapm_select_many.argtypes = [_P, _I64, ctypes.c_int, _P, _P, _P, _P]

@@ -103,11 +103,11 @@ def _score_native(
     """``score_sweep`` with the C kernels (CPU, float32 scores); see the module docstring."""
     n = b.numel()
     ks = [keep_count(n, s) for s in sparsities]
+    if n <= scoring.SMALL_TENSOR:
+        return _score_small(kern, name, b, f, ks, lam, write)
     # The coefficient prune ranks with (scoring.rank_tensor), so "S > 0" and both masks agree.
     m = scoring.mean_abs(b, torch.float32, ws.workers)
     coef = scoring.f32(scoring.f32(lam) * m)
-    if n <= scoring.SMALL_TENSOR:
-        return _score_small(kern, name, b, f, ks, coef, write, ws)
     step = scoring.FUSED_CHUNK
     starts = range(0, n, step)
     stats = torch.zeros(len(starts), 4, dtype=torch.float64)  # per chunk: summed in order
@@ -186,25 +186,17 @@ def _score_small(
     b: torch.Tensor,
     f: torch.Tensor,
     ks: Sequence[int],
-    coef: float,
+    lam: float,
     write: Callable[[torch.Tensor], None] | None,
-    ws: Workspace,
 ) -> list[Sums]:
     """``_score_native`` for a tensor of one chunk at most, in one kernel call
-    (``native.score_small``): the keys are kept in the run's key buffer, and every threshold
-    comes from one shared radix select per method instead of a histogram per tensor. The same
-    figures, bit for bit, as the three passes (tested)."""
+    (``native.score_small``): the mean and coefficient rounded as for a large tensor, the keys
+    kept in a scratch array, and every threshold from one shared radix select per method
+    instead of a histogram per tensor. The same figures, bit for bit, as the three passes
+    (tested)."""
     n, m = b.numel(), len(ks)
-    keys = ws.keys.take(2 * n, torch.int32)
     scores = torch.empty(n, dtype=torch.float32) if write is not None else None
-    out_f = torch.zeros(4 + 2 * m, dtype=torch.float64)
-    out_i = torch.zeros(2 + 3 * m, dtype=torch.int64)
-    try:
-        kern.score_small(b, f, coef, torch.tensor(ks, dtype=torch.int64), keys, scores,
-                         out_f, out_i)  # fmt: skip
-    finally:
-        ws.keys.give_back(keys)
-    sums, counts = out_f.tolist(), out_i.tolist()
+    sums, counts = kern.score_small(b, f, lam, ks, scores)
     if not math.isfinite(sums[3]):
         check_finite(b, name, "base")
         check_finite(f, name, "finetuned")
@@ -252,8 +244,8 @@ def _pass1(
 
     def part(p: int, workers: int) -> torch.Tensor:
         hists = torch.zeros(2, 4 * (1 << 16), dtype=torch.int32)  # uint32 counters
-        total = torch.zeros(2, 1 << 16, dtype=torch.int64)
-        mine = torch.zeros(2, dtype=torch.int64)
+        both = torch.zeros(2 * (1 << 16) + 2, dtype=torch.int64)  # the histograms, counts
+        total, mine = both[:-2].view(2, 1 << 16), both[-2:]
         pending = 0
         for i in range(p, len(starts), workers):
             c = starts[i]
@@ -276,7 +268,7 @@ def _pass1(
                 kern.hist_flush(hists[0], total[0])
                 kern.hist_flush(hists[1], total[1])
                 pending = 0
-        return torch.cat([total.reshape(-1), mine])
+        return both
 
     both = scoring.on_parts(part, 1 if write is not None else ws.workers, len(starts))
     counts += both[-2:]
@@ -298,21 +290,24 @@ def _select(
     memory (``native.select_many``, shared by the thresholds). Also returns, per method, the
     gathered keys and each chunk's span of them (None when no threshold needed them)."""
     n = b.numel()
-    found: list[list[tuple[int, int] | None]] = [
-        [scoring.top_bucket(hists[j], k) if 0 < k < n else None for k in ks] for j in range(2)
-    ]
+    inner = [k for k in ks if 0 < k < n]
+    found: list[list[tuple[int, int] | None]] = []
+    for j in range(2):
+        walk = iter(scoring.top_buckets(hists[j], inner))
+        found.append([next(walk) if 0 < k < n else None for k in ks])
     slots = [sorted({x[0] for x in found[j] if x is not None}) for j in range(2)]
     if not any(slots):
         return [[_edge(k, n) for k in ks] for _ in "fm"], None
     sel = torch.zeros(2, 1 << 16, dtype=torch.uint8)
     for j in range(2):
         sel[j, slots[j]] = 1
-    gathered = _gather(kern, b, f, coef, hists, sel, starts, ws)
+    counted = [{x: int(hists[j, x]) for x in slots[j]} for j in range(2)]
+    gathered = _gather(kern, b, f, coef, [sum(c.values()) for c in counted], sel, starts, ws)
     out: list[list[Threshold]] = []
     for j in range(2):
         # Among the gathered keys, those above bucket B are the keys of the chosen buckets
         # above B: the rank of the k-th largest there is k - above + those.
-        counts = {x: int(hists[j, x]) for x in slots[j]}
+        counts = counted[j]
         wanted = []
         for k, at in zip(ks, found[j], strict=True):
             if at is not None:
@@ -342,17 +337,16 @@ def _gather(
     b: torch.Tensor,
     f: torch.Tensor,
     coef: float,
-    hists: torch.Tensor,
+    totals: list[int],
     sel: torch.Tensor,
     starts: range,
     ws: Workspace,
 ) -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
     """The keys of both methods in the buckets ``sel`` marks (``native.score_gather``), one
-    pass on the scoring threads: per method, one array of exactly as many keys as ``hists``
-    counts there, and each chunk's (start, size) in it (chunks land in any order; inside a
-    chunk the keys keep their flat order)."""
+    pass on the scoring threads: per method, one array of exactly ``totals`` keys (what the
+    histograms count there), and each chunk's (start, size) in it (chunks land in any order;
+    inside a chunk the keys keep their flat order)."""
     step = starts.step
-    totals = [int(hists[j][sel[j].bool()].sum()) for j in range(2)]
     dest = [torch.empty(max(1, t), dtype=torch.int32) for t in totals]
     spans: list[list[tuple[int, int]]] = [[(0, 0)] * len(starts) for _ in range(2)]
     cursor = [0, 0]

@@ -433,6 +433,16 @@ def top_bucket(hist0: torch.Tensor, k: int) -> tuple[int, int]:
     return _bucket_walk(hist0, k)
 
 
+def top_buckets(hist0: torch.Tensor, ks: Sequence[int]) -> list[tuple[int, int]]:
+    """``top_bucket`` for each k, with one walk of the histogram (a sweep's thresholds)."""
+    if not ks:
+        return []
+    from_top = hist0.cpu().flip(0).cumsum(0)
+    idx = torch.searchsorted(from_top, torch.tensor(list(ks))).tolist()
+    last = hist0.numel() - 1
+    return [(last - i, int(from_top[i - 1]) if i > 0 else 0) for i in idx]
+
+
 def bucket_low(bucket: int) -> int:
     """The smallest int32 key in top-16-bit bucket ``bucket`` (bins are in signed order)."""
     return (bucket - (_DIGITS >> 1)) << 16
