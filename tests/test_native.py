@@ -198,7 +198,11 @@ def test_select_many_against_a_sort() -> None:
         ranks = [r for r in (n, 1, n // 2, n // 2, n // 3 + 1, n - 1, 2) if 1 <= r <= n]
         got = KERNELS.select_many(keys, ranks)
         assert got == [_sorted_threshold(keys, r) for r in ranks], values[:5]
-    assert KERNELS.select_many(torch.tensor([1, 2], dtype=torch.int32), []) == []
+    two = torch.tensor([1, 2], dtype=torch.int32)
+    assert KERNELS.select_many(two, []) == []
+    for bad in ([0], [3], [1] * (native.MAX_SWEEP + 1)):
+        with pytest.raises(ValueError):
+            KERNELS.select_many(two, bad)
 
 
 @needs_kernels

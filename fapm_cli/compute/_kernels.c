@@ -223,7 +223,8 @@ static inline void digit_hist(const uint32_t *u, int64_t m, int shift, uint32_t 
 
 /* A per-thread scratch array of at least n uint32, kept for the thread's next call (small
  * tensors come by the thousand: a malloc of a few hundred kB each time can be an mmap and
- * its page faults). NULL when there is no memory. */
+ * its page faults). NULL when there is no memory. fapm calls the small-tensor kernels from
+ * its main thread only; a thread that ends leaves its array (at most 512 kB) behind. */
 static uint32_t *scratch(int64_t n) {
     static __thread uint32_t *buf;
     static __thread int64_t cap;
@@ -797,10 +798,12 @@ HOT static int select_group(const uint32_t *u, int64_t m, int shift, uint32_t fl
 
 /* The ranks[0:nr] largest (1 <= rank <= n, any order) among keys[0:n] at once: for each r,
  * key[r] the key of that rank, above[r] how many keys exceed it, eq[r] how many equal it.
- * Returns 0, -1 (no scratch memory) or -2 (nr out of range). */
+ * Returns 0, -1 (no scratch memory) or -2 (nr or a rank out of range). */
 HOT API int fapm_select_many(const int32_t *keys, int64_t n, int nr, const int64_t *ranks,
                              int32_t *key, int64_t *above, int64_t *eq) {
     if (nr < 0 || nr > MAXS) return -2;
+    for (int r = 0; r < nr; r++)
+        if (ranks[r] < 1 || ranks[r] > n) return -2;
     Want want[MAXS];
     for (int r = 0; r < nr; r++) { /* insertion by rank: want[] ascending */
         int w = r;

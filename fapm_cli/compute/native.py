@@ -171,7 +171,7 @@ class Kernels:
         if rc == -1:
             raise MemoryError(f"no memory to select among {n} keys")
         if rc != 0:
-            raise ValueError(f"{m} ranks in one select; at most {MAX_SWEEP}")
+            raise ValueError(f"{m} ranks in 1..{n} in one select; at most {MAX_SWEEP}")
         return list(zip(key, above, eq, strict=True))
 
     def score_gather(

@@ -157,24 +157,44 @@ def _score_native(
         return mine
 
     kept = scoring.on_parts(final, ws.workers, len(starts))
-    sq_kept = sums.sum(0) if len(starts) > 1 else sums[0]
+    sq_kept = (sums.sum(0) if len(starts) > 1 else sums[0]).tolist()
+    found = kept.tolist()
+    stat = [int(counts[0]), int(counts[1])]
+    return _per_sparsity(name, n, ks, totals, stat, sq_kept[0], sq_kept[1], *found)
+
+
+def _per_sparsity(
+    name: str,
+    n: int,
+    ks: Sequence[int],
+    totals: Sequence[float],
+    counts: Sequence[int],
+    sq_f: Sequence[float],
+    sq_m: Sequence[float],
+    kept_f: Sequence[int],
+    kept_m: Sequence[int],
+    overlap: Sequence[int],
+) -> list[Sums]:
+    """Each sparsity's Sums: the sparsity-free ``totals`` (sum |tau|, |base|, |tau|/|base|,
+    tau^2) and ``counts`` (base != 0, score > 0) with that sparsity's masks' figures; both
+    masks must have kept exactly k."""
     out = []
     for j, k in enumerate(ks):
-        if int(kept[0, j]) != k or int(kept[1, j]) != k:
-            raise AssertionError(f"{name}: masks keep {kept[:2, j].tolist()}, expected {k}")
+        if kept_f[j] != k or kept_m[j] != k:
+            raise AssertionError(f"{name}: masks keep {[kept_f[j], kept_m[j]]}, expected {k}")
         out.append(
             Sums(
                 numel=n,
                 abs_tau=totals[0],
                 abs_base=totals[1],
                 rel=totals[2],
-                base_nonzero=int(counts[0]),
-                positive=int(counts[1]),
+                base_nonzero=counts[0],
+                positive=counts[1],
                 sq=totals[3],
-                sq_fapm=float(sq_kept[0, j]),
-                sq_magnitude=float(sq_kept[1, j]),
+                sq_fapm=sq_f[j],
+                sq_magnitude=sq_m[j],
                 kept=k,
-                overlap=int(kept[2, j]),
+                overlap=overlap[j],
             )
         )
     return out
@@ -202,27 +222,8 @@ def _score_small(
         check_finite(f, name, "finetuned")
     if scores is not None and write is not None:
         write(scores)
-    out = []
-    for j, k in enumerate(ks):
-        kept_f, kept_m, overlap = counts[2 + j], counts[2 + m + j], counts[2 + 2 * m + j]
-        if kept_f != k or kept_m != k:
-            raise AssertionError(f"{name}: masks keep {[kept_f, kept_m]}, expected {k}")
-        out.append(
-            Sums(
-                numel=n,
-                abs_tau=sums[0],
-                abs_base=sums[1],
-                rel=sums[2],
-                base_nonzero=counts[0],
-                positive=counts[1],
-                sq=sums[3],
-                sq_fapm=sums[4 + j],
-                sq_magnitude=sums[4 + m + j],
-                kept=k,
-                overlap=overlap,
-            )
-        )
-    return out
+    masks = [counts[2 + i * m : 2 + (i + 1) * m] for i in range(3)]
+    return _per_sparsity(name, n, ks, sums[:4], counts[:2], sums[4 : 4 + m], sums[4 + m :], *masks)
 
 
 def _pass1(
