@@ -799,8 +799,7 @@ def at_half_forgetting(agg: list[dict[str, Any]], key: str = "forgetting_instr_p
         ft = next(a for a in agg if a["task"] == task and a["curve"] == "finetuned")
         target = ft[key] / 2
         for name in curves(agg):
-            pts = [ft, *sorted((a for a in agg if a["task"] == task and a["curve"] == name),
-                               key=lambda a: a["sparsity"])]  # fmt: skip
+            pts = [ft, *points(agg, task, name)]
             got = "not reached"
             for lo, hi in itertools.pairwise(pts):
                 if lo[key] >= target >= hi[key] and lo[key] != hi[key]:
@@ -824,6 +823,13 @@ def summarize(out: Path, plots: bool) -> list[Path]:
     )
     (out / "summary.md").write_text(text)
     return [out / "summary.md", *(plot(agg, out) if plots else [])]
+
+
+def points(agg: list[dict[str, Any]], task: str, curve: str) -> list[dict[str, Any]]:
+    """One curve's aggregated rows for one task, in sparsity order."""
+    return sorted(
+        (a for a in agg if a["task"] == task and a["curve"] == curve), key=lambda a: a["sparsity"]
+    )
 
 
 def plot(agg: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -851,10 +857,7 @@ def plot(agg: list[dict[str, Any]], out: Path) -> list[Path]:
         for fi, (key, label) in enumerate(forgetting):
             ax = axes[ti][fi]
             for n in names:
-                pts = sorted(
-                    (a for a in agg if a["task"] == task and a["curve"] == n),
-                    key=lambda a: a["sparsity"],
-                )
+                pts = points(agg, task, n)
                 ax.plot(
                     [a[key] for a in pts],
                     [a["retention_pct"] for a in pts],
@@ -889,10 +892,7 @@ def plot(agg: list[dict[str, Any]], out: Path) -> list[Path]:
         for pi, (key, label) in enumerate(panels):
             ax = axes[ti][pi]
             for n in names:
-                pts = sorted(
-                    (a for a in agg if a["task"] == task and a["curve"] == n),
-                    key=lambda a: a["sparsity"],
-                )
+                pts = points(agg, task, n)
                 x = [pos[a["sparsity"]] for a in pts]
                 ax.plot(x, [a[key] for a in pts], "o-", color=colors.get(n, "k"), label=n, ms=4)
                 ax.fill_between(x, [a[key + "_min"] for a in pts],

@@ -9,11 +9,8 @@ answers as Python computes them, and greedy decoding as transformers' generate d
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,23 +19,14 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from experiments import forgetting as exp
+from tests.smoke import HAVE_MPL, run_smoke
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE = exp.PRESETS["smoke"]
-HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("experiment") / "out"
-    publish = out.parent / "published"
-    cmd = [sys.executable, "-m", "experiments.forgetting", "--preset", "smoke",
-           "--out", str(out), "--publish", str(publish), "--keep-checkpoints"]  # fmt: skip
-    if not HAVE_MPL:
-        cmd.append("--no-plots")
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return run_smoke("experiments.forgetting", tmp_path_factory.mktemp("experiment") / "out")
 
 
 def rows(out: Path) -> list[dict[str, str]]:

@@ -12,11 +12,8 @@ transformers' generate.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,10 +22,9 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from experiments import real_model as exp
 from experiments.prune_cli import load_dir
+from tests.smoke import HAVE_MPL, run_smoke
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE = exp.PRESETS["smoke"]
-HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 REQUIRED = ("model", "task", "method", "lam", "sparsity", "seed", "random_seed", "task_acc",
             "text_loss", "instr_loss", "instr_agree", "forgetting_text_pct",
             "forgetting_instr_pct", "retention_pct", "kept_fraction")  # fmt: skip
@@ -36,15 +32,7 @@ REQUIRED = ("model", "task", "method", "lam", "sparsity", "seed", "random_seed",
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("experiment-real") / "out"
-    publish = out.parent / "published"
-    cmd = [sys.executable, "-m", "experiments.real_model", "--preset", "smoke",
-           "--out", str(out), "--publish", str(publish), "--keep-checkpoints"]  # fmt: skip
-    if not HAVE_MPL:
-        cmd.append("--no-plots")
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return run_smoke("experiments.real_model", tmp_path_factory.mktemp("experiment-real") / "out")
 
 
 @pytest.fixture(scope="module")

@@ -379,6 +379,27 @@ HOT API double fapm_select_write(const int32_t *keys, int64_t n, int32_t t, int6
     return s;
 }
 
+/* coef = lam * mean |base[0:n]| in float32 as compute.scoring rounds it (n = 0: mean 0): the
+ * float64 mean of one chunk rounded once, lam rounded, their product (exact in float64)
+ * rounded once. */
+static inline float coef_of(int dt, const void *base, int64_t n, double lam) {
+    float mean = n ? (float)(fapm_sum_abs(dt, base, n) / (double)n) : 0.0f;
+    return (float)((double)(float)lam * (double)mean);
+}
+
+/* "Keep every key > t, then the first ties equal to it" for the k-th largest key, with tie of
+ * the eq keys equal to it kept: when all of them are, keys > key - 1 and no ties (the form
+ * scoring.settled gives, which lets the masks skip counting ties). */
+static inline void settle(int32_t key, int64_t tie, int64_t eq, int32_t *t, int64_t *ties) {
+    if (key > INT32_MIN && tie == eq) {
+        *t = key - 1;
+        *ties = 0;
+    } else {
+        *t = key;
+        *ties = tie;
+    }
+}
+
 /* fapm prune of one small tensor whose base, finetuned and output share the dtype dt, in one
  * call: the mean |base| and coef = lam * mean rounded as scoring._rank_small rounds them, the
  * keys (fapm_score_keys, into a per-thread scratch), the threshold (fapm_select_small, in
@@ -393,8 +414,7 @@ HOT API int fapm_prune_small(int method, int dt, const void *base, const void *f
     uint32_t *buf = scratch(2 * n);
     if (!buf) return -1;
     int32_t *keys = (int32_t *)buf;
-    float m = method == M_FAPM && n ? (float)(fapm_sum_abs(dt, base, n) / (double)n) : 0.0f;
-    float coef = (float)((double)(float)lam * (double)m);
+    float coef = coef_of(dt, base, method == M_FAPM ? n : 0, lam);
     double sq = fapm_score_keys(method, dt, dt, base, ft, n, coef, keys, NULL);
     if (!force && !(sq - sq == 0)) return 1; /* inf or nan */
     int32_t t;
@@ -410,12 +430,7 @@ HOT API int fapm_prune_small(int method, int dt, const void *base, const void *f
         int64_t above, eq;
         /* the candidates of the select go after the keys in the same scratch */
         if (select_into(keys, n, k, buf + n, &key, &above, &eq)) return -1;
-        t = key;
-        ties = k - above;
-        if (key > INT32_MIN && eq == ties) {
-            t = key - 1;
-            ties = 0;
-        }
+        settle(key, k - above, eq, &t, &ties);
     }
     int64_t used;
     res[0] = sq;
@@ -840,14 +855,7 @@ static int thresholds_of(const int32_t *keys, int64_t n, int ms, const int64_t *
     if (fapm_select_many(keys, n, nr, ranks, key, above, eq)) return -1;
     for (int r = 0; r < nr; r++) {
         int j = at[r];
-        int64_t tie = ks[j] - above[r];
-        if (key[r] > INT32_MIN && tie == eq[r]) {
-            t[j] = key[r] - 1;
-            ties[j] = 0;
-        } else {
-            t[j] = key[r];
-            ties[j] = tie;
-        }
+        settle(key[r], ks[j] - above[r], eq[r], &t[j], &ties[j]);
     }
     return 0;
 }
@@ -897,8 +905,7 @@ HOT API int fapm_score_small(int bdt, int fdt, const void *base, const void *ft,
     int32_t *keys_f = (int32_t *)buf, *keys_m = (int32_t *)buf + n;
     memset(out_f, 0, (size_t)(4 + 2 * ms) * sizeof(double));
     memset(out_i, 0, (size_t)(2 + 3 * ms) * sizeof(int64_t));
-    float mean = n ? (float)(fapm_sum_abs(bdt, base, n) / (double)n) : 0.0f;
-    float coef = (float)((double)(float)lam * (double)mean);
+    float coef = coef_of(bdt, base, n, lam);
     fapm_score_pass(bdt, fdt, base, ft, n, coef, keys_f, keys_m, NULL, NULL, scores, out_f,
                     out_i);
     int32_t tf[MAXS], tm[MAXS];
