@@ -206,6 +206,54 @@ def test_select_many_against_a_sort() -> None:
 
 
 @needs_kernels
+def test_bucket_select_against_a_sort() -> None:
+    """fapm score's select among gathered keys: the rank-th largest inside a top-16-bit bucket,
+    several buckets and ranks in one pass, each as a sort of that bucket's keys gives it (keys
+    of other buckets mixed in and skipped, the int32 extremes, ties, repeated asks)."""
+    assert KERNELS is not None
+    rng = random.Random(5)
+    values = (
+        [0x12340000 + rng.randrange(1 << 16) for _ in range(400)]  # bucket 0x1234
+        + [-0x00010000 + rng.randrange(8) for _ in range(300)]  # bucket -1: ties
+        + [-(1 << 31)] * 3
+        + [(1 << 31) - 1] * 4  # the lowest and the highest bucket
+        + [rng.randrange(-(1 << 31), 1 << 31) for _ in range(300)]  # anywhere
+    )
+    rng.shuffle(values)
+    keys = torch.tensor(values, dtype=torch.int32)
+
+    def in_bucket(bucket: int) -> list[int]:
+        return [v for v in values if (v >> 16) + 32768 == bucket]
+
+    asks = []
+    for bucket in (0x1234 + 32768, -1 + 32768, 0, 65535):
+        size = len(in_bucket(bucket))
+        asks += [(bucket, r) for r in sorted({1, 2, size // 2, size - 1, size}) if r >= 1]
+    asks.append(asks[0])
+    got = KERNELS.bucket_select(keys, asks)
+    for (bucket, rank), found in zip(asks, got, strict=True):
+        assert found == _sorted_threshold(torch.tensor(in_bucket(bucket)), rank), (bucket, rank)
+    assert KERNELS.bucket_select(keys, []) == []
+    for bad in ([(0x1234 + 32768, 0)], [(0, 4)], [(65536, 1)], [(-1, 1)]):
+        with pytest.raises(ValueError):
+            KERNELS.bucket_select(keys, bad)
+
+
+@needs_kernels
+def test_count_eq_spans_against_python() -> None:
+    assert KERNELS is not None
+    rng = random.Random(6)
+    values = [rng.randrange(-3, 4) for _ in range(1000)] + [-(1 << 31), (1 << 31) - 1]
+    keys = torch.tensor(values, dtype=torch.int32)
+    spans = [(0, 10), (10, 0), (500, 502), (3, 1)]
+    ts = [0, 3, -(1 << 31), (1 << 31) - 1, 9]
+    want = [[values[a : a + n].count(t) for t in ts] for a, n in spans]
+    assert KERNELS.count_eq_spans(keys, spans, ts).tolist() == want
+    with pytest.raises(ValueError):
+        KERNELS.count_eq_spans(keys, [(1000, 3)], ts)
+
+
+@needs_kernels
 @pytest.mark.parametrize("n", [1, 7, 4096, scoring.SMALL_TENSOR])
 def test_small_score_equals_the_chunked_score(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """fapm score's one-call path for small tensors against the histogram path on the same

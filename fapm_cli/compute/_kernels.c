@@ -37,7 +37,7 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { M_FAPM = 0, M_MAGNITUDE = 1, M_RATIO = 2 };
 
 /* Bumped whenever a signature or a result changes; native.py refuses a stale build. */
-#define ABI_VERSION 12
+#define ABI_VERSION 13
 
 #define BLOCK 1024 /* elements per inner block: its float scratch stays in L1 */
 #define BINS 65536
@@ -689,18 +689,98 @@ static inline void keep_both(const int32_t *kf, const int32_t *km, int64_t m, in
 
 #define MAXS 64
 
+#if defined(__GNUC__) /* GCC and clang: vector extensions */
+/* 256-bit vectors: GCC 12 fails (an internal error) on 512-bit ones in target_clones. */
+typedef int32_t v4i __attribute__((vector_size(16)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef double v4d __attribute__((vector_size(32)));
+#define GROUPED 1
+
+/* keep_both for G sparsities of one block at once, each keeping the keys > tf[idx[g]] and >
+ * tm[idx[g]] (ties folded in: keys >= t are keys > t - 1): in one loop over the block, each
+ * sparsity's 8 lanes in two vectors (lane l: entries i = l mod 8), so that their float64 sums
+ * run as 4G independent chains instead of two after another, each waiting on its own adds (on
+ * a sweep of six that wait was most of the final pass). The keys are compared as float64
+ * (every int32 is one exactly), which gives the 64-bit mask of the lanes directly. Each lane
+ * still adds its own entries in element order, a kept entry's tau^2 or +0.0 (its bits
+ * masked), as keep_both does: the same sums, bit for bit. Written with vector extensions:
+ * the compiler vectorised neither this loop nest nor its scalar form. */
+#define KEEP_GROUP(G)                                                                           \
+    static inline __attribute__((always_inline)) void keep_group_##G(                            \
+        const int32_t *kf, const int32_t *km, const float *a2, int64_t m, const int *idx,      \
+        const int32_t *tf, const int32_t *tm, double lf[][8], double lm[][8], int64_t *kept_f, \
+        int64_t *kept_m, int64_t *overlap) {                                                    \
+        v4d af[G][2], am[G][2], xf[G], xm[G];                                                   \
+        v4l cf[G], cm[G], cb[G];                                                                \
+        for (int g = 0; g < G; g++) {                                                           \
+            double u = tf[idx[g]], w = tm[idx[g]];                                              \
+            xf[g] = (v4d){0, 0, 0, 0} + u; /* every lane u (a {u, u, u, u} misleads GCC 12's */ \
+            xm[g] = (v4d){0, 0, 0, 0} + w; /* warnings), exactly: int32 values */                \
+            cf[g] = cm[g] = cb[g] = (v4l){0, 0, 0, 0};                                          \
+            memcpy(af[g], lf[idx[g]], sizeof af[g]);                                            \
+            memcpy(am[g], lm[idx[g]], sizeof am[g]);                                            \
+        }                                                                                       \
+        int64_t i = 0;                                                                          \
+        for (; i + 8 <= m; i += 8)                                                              \
+            for (int h = 0; h < 2; h++) {                                                       \
+                v4i a32, b32;                                                                   \
+                v4f x;                                                                          \
+                memcpy(&a32, kf + i + 4 * h, sizeof a32);                                       \
+                memcpy(&b32, km + i + 4 * h, sizeof b32);                                       \
+                memcpy(&x, a2 + i + 4 * h, sizeof x);                                           \
+                v4d a = __builtin_convertvector(a32, v4d), b = __builtin_convertvector(b32, v4d); \
+                v4l bits = (v4l)__builtin_convertvector(x, v4d);                                \
+                for (int g = 0; g < G; g++) {                                                   \
+                    v4l p = a > xf[g], q = b > xm[g]; /* -1 kept, 0 not */                      \
+                    af[g][h] += (v4d)(bits & p);                                                \
+                    am[g][h] += (v4d)(bits & q);                                                \
+                    cf[g] -= p, cm[g] -= q, cb[g] -= p & q;                                     \
+                }                                                                               \
+            }                                                                                   \
+        for (int g = 0; g < G; g++) {                                                           \
+            int j = idx[g];                                                                     \
+            int64_t nf = 0, nm = 0, nb = 0;                                                     \
+            memcpy(lf[j], af[g], sizeof af[g]);                                                 \
+            memcpy(lm[j], am[g], sizeof am[g]);                                                 \
+            for (int l = 0; l < 4; l++) nf += cf[g][l], nm += cm[g][l], nb += cb[g][l];         \
+            for (int64_t t = i; t < m; t++) { /* the last entries, in their lanes */            \
+                int32_t p = kf[t] > tf[j], q = km[t] > tm[j];                                   \
+                lf[j][t & 7] += p ? (double)a2[t] : 0.0;                                        \
+                lm[j][t & 7] += q ? (double)a2[t] : 0.0;                                        \
+                nf += p, nm += q, nb += p & q;                                                  \
+            }                                                                                   \
+            kept_f[j] += nf, kept_m[j] += nm, overlap[j] += nb;                                 \
+        }                                                                                       \
+    }
+KEEP_GROUP(1)
+KEEP_GROUP(2)
+KEEP_GROUP(3)
+KEEP_GROUP(4)
+#else
+#define GROUPED 0
+#endif
+
 /* fapm_score_final's work on one block of keys (kf, km) and tau^2 (a2). */
-static inline __attribute__((always_inline)) void final_block(const int32_t *kf, const int32_t *km, const float *a2, int64_t m,
-                               int ms, const int32_t *tf, int64_t *ties_f, const int32_t *tm,
-                               int64_t *ties_m, double lf[][8], double lm[][8],
-                               int64_t *kept_f, int64_t *kept_m, int64_t *overlap) {
+static inline __attribute__((always_inline)) void final_block(
+    const int32_t *kf, const int32_t *km, const float *a2, int64_t m, int ms, const int32_t *tf,
+    int64_t *ties_f, const int32_t *tm, int64_t *ties_m, double lf[][8], double lm[][8],
+    int64_t *kept_f, int64_t *kept_m, int64_t *overlap) {
     uint8_t keep_f[BLOCK], keep_m[BLOCK];
+    int idx[MAXS], ng = 0;
+    int32_t gf[MAXS], gm[MAXS]; /* the grouped sparsities' thresholds, ties folded in */
     for (int j = 0; j < ms; j++) {
         int32_t take_f = take_ties(kf, m, tf[j], &ties_f[j]);
         int32_t take_m = take_ties(km, m, tm[j], &ties_m[j]);
         if (take_f >= 0 && take_m >= 0) { /* the usual case: both masks in one loop */
-            keep_both(kf, km, m, tf[j], tm[j], take_f, take_m, a2, lf[j], lm[j], &kept_f[j],
-                      &kept_m[j], &overlap[j]);
+            if (GROUPED && ms > 1 && !(take_f && tf[j] == INT32_MIN) &&
+                !(take_m && tm[j] == INT32_MIN)) {
+                gf[j] = tf[j] - take_f, gm[j] = tm[j] - take_m; /* keys >= t: keys > t - 1 */
+                idx[ng++] = j;
+            } else {
+                keep_both(kf, km, m, tf[j], tm[j], take_f, take_m, a2, lf[j], lm[j], &kept_f[j],
+                          &kept_m[j], &overlap[j]);
+            }
             continue;
         }
         /* a quota runs out in this block: that mask one by one */
@@ -712,6 +792,30 @@ static inline __attribute__((always_inline)) void final_block(const int32_t *kf,
         for (int64_t i = 0; i < m; i++) both += keep_f[i] & keep_m[i];
         overlap[j] += both;
     }
+#if GROUPED
+    for (int g = 0; g < ng;) { /* four at a time: what the registers hold */
+        const int *at = idx + g;
+        switch (ng - g) {
+        case 1:
+            keep_group_1(kf, km, a2, m, at, gf, gm, lf, lm, kept_f, kept_m, overlap);
+            g += 1;
+            break;
+        case 2:
+            keep_group_2(kf, km, a2, m, at, gf, gm, lf, lm, kept_f, kept_m, overlap);
+            g += 2;
+            break;
+        case 3:
+            keep_group_3(kf, km, a2, m, at, gf, gm, lf, lm, kept_f, kept_m, overlap);
+            g += 3;
+            break;
+        default:
+            keep_group_4(kf, km, a2, m, at, gf, gm, lf, lm, kept_f, kept_m, overlap);
+            g += 4;
+        }
+    }
+#else
+    (void)idx, (void)ng, (void)gf, (void)gm;
+#endif
 }
 
 static inline void lanes_zero(int ms, double lf[][8], double lm[][8]) {
@@ -774,6 +878,7 @@ HOT static int select_group(const uint32_t *u, int64_t m, int shift, uint32_t fl
                         Want *want, int nw, int32_t *key, int64_t *above, int64_t *eq) {
     int64_t hist[256];
     digit_hist(u, m, shift, flip, hist);
+    int digit[MAXS + 1], first[MAXS + 1], ng = 0; /* group g: wants first[g]..first[g+1]-1 */
     int b = 255;
     int64_t acc = 0;
     for (int g = 0; g < nw;) {
@@ -784,31 +889,55 @@ HOT static int select_group(const uint32_t *u, int64_t m, int shift, uint32_t fl
             want[h].above += acc;
             h++;
         }
-        uint32_t at = prefix | ((uint32_t)b << shift);
-        if (shift == 0) {
-            for (int w = g; w < h; w++) {
-                key[want[w].idx] = (int32_t)(at ^ 0x80000000u);
-                above[want[w].idx] = want[w].above;
-                eq[want[w].idx] = hist[b];
-            }
-        } else {
-            int64_t cnt = hist[b];
-            uint32_t *cand = (uint32_t *)malloc((size_t)(cnt + 1) * sizeof(uint32_t));
-            if (!cand) return -1;
-            int64_t j = 0;
-            for (int64_t i = 0; i < m && j < cnt; i++) { /* branchless, as fapm_select_small */
-                uint32_t v = u[i] ^ flip;
-                cand[j] = v;
-                j += ((v >> shift) & 255u) == (uint32_t)b;
-            }
-            int rc = select_group(cand, cnt, shift - 8, 0, at, want + g, h - g, key, above, eq);
-            free(cand);
-            if (rc) return rc;
-        }
+        digit[ng] = b, first[ng++] = g;
         acc += hist[b--];
         g = h;
     }
-    return 0;
+    first[ng] = nw;
+    if (shift == 0) {
+        for (int g = 0; g < ng; g++)
+            for (int w = first[g]; w < first[g + 1]; w++) {
+                key[want[w].idx] = (int32_t)((prefix | (uint32_t)digit[g]) ^ 0x80000000u);
+                above[want[w].idx] = want[w].above;
+                eq[want[w].idx] = hist[digit[g]];
+            }
+        return 0;
+    }
+    /* Each group's candidates into its own stretch of one array: with one group, compacted
+     * (branchless, as fapm_select_small); with several, in one pass that sends each key to
+     * its group's stretch or to a spare slot at the end (one pass instead of one per group:
+     * a sweep's six thresholds often part in the second digit). */
+    int64_t at[MAXS + 1], total = 0;
+    for (int g = 0; g < ng; g++) at[g] = total, total += hist[digit[g]];
+    uint32_t *cand = (uint32_t *)malloc((size_t)(total + 1) * sizeof(uint32_t));
+    if (!cand) return -1;
+    if (ng == 1) {
+        int64_t j = 0;
+        for (int64_t i = 0; i < m && j < total; i++) {
+            uint32_t v = u[i] ^ flip;
+            cand[j] = v;
+            j += ((v >> shift) & 255u) == (uint32_t)digit[0];
+        }
+    } else {
+        uint8_t group[256];
+        int64_t pos[MAXS + 1];
+        memset(group, ng, sizeof group); /* ng: the spare slot */
+        for (int g = 0; g < ng; g++) group[digit[g]] = (uint8_t)g, pos[g] = at[g];
+        pos[ng] = total;
+        for (int64_t i = 0; i < m; i++) {
+            uint32_t v = u[i] ^ flip;
+            int g = group[(v >> shift) & 255u];
+            cand[pos[g]] = v;
+            pos[g] += g != ng;
+        }
+    }
+    int rc = 0;
+    for (int g = 0; g < ng && !rc; g++)
+        rc = select_group(cand + at[g], hist[digit[g]], shift - 8, 0,
+                          prefix | ((uint32_t)digit[g] << shift), want + first[g],
+                          first[g + 1] - first[g], key, above, eq);
+    free(cand);
+    return rc;
 }
 
 /* The ranks[0:nr] largest (1 <= rank <= n, any order) among keys[0:n] at once: for each r,
@@ -830,6 +959,67 @@ HOT API int fapm_select_many(const int32_t *keys, int64_t n, int nr, const int64
     }
     if (!nr) return 0;
     return select_group((const uint32_t *)keys, n, 24, 0x80000000u, 0, want, nr, key, above, eq);
+}
+
+/* The keys of given ranks inside top-16-bit buckets, all at once: request r asks for the
+ * rank[r]-th largest (1-based) of the keys[0:n] in bucket[r] (a bin of fapm_score_pass's
+ * histograms, 0..65535). One pass counts the low 16 bits of the keys in the asked-for buckets
+ * (one 65,536-bin histogram per bucket; other keys are skipped), then each request walks its
+ * bucket's histogram from the top: key[r] gets the key, above[r] how many keys of that bucket
+ * exceed it, eq[r] how many equal it. fapm score's select among the keys fapm_score_gather
+ * collected: one pass, where a radix select from the top digit compacted the keys once per
+ * threshold (a sweep's six thresholds: 36 -> 5 ms on a 16.7M tensor). Returns 0, -1 (no
+ * memory) or -2 (nr, a bucket or a rank out of range). */
+HOT API int fapm_bucket_select(const int32_t *keys, int64_t n, int nr, const int32_t *bucket,
+                               const int64_t *rank, int32_t *key, int64_t *above,
+                               int64_t *eq) {
+    if (nr < 0 || nr > MAXS) return -2;
+    uint8_t slot[BINS]; /* 255: a bucket nobody asked for */
+    memset(slot, 255, sizeof slot);
+    int ns = 0, at[MAXS];
+    for (int r = 0; r < nr; r++) {
+        if (bucket[r] < 0 || bucket[r] >= BINS) return -2;
+        if (slot[bucket[r]] == 255) slot[bucket[r]] = (uint8_t)ns++;
+        at[r] = slot[bucket[r]];
+    }
+    if (!nr) return 0;
+    int64_t *hist = (int64_t *)calloc((size_t)ns * BINS, sizeof(int64_t));
+    if (!hist) return -1;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t s = slot[(keys[i] >> 16) + 32768];
+        if (s != 255) hist[s * BINS + ((uint32_t)keys[i] & 0xFFFFu)]++;
+    }
+    int rc = 0;
+    for (int r = 0; r < nr && !rc; r++) {
+        const int64_t *h = hist + (int64_t)at[r] * BINS;
+        int64_t acc = 0;
+        int d = BINS - 1;
+        while (d >= 0 && acc + h[d] < rank[r]) acc += h[d--];
+        if (rank[r] < 1 || d < 0) {
+            rc = -2;
+            break;
+        }
+        key[r] = (int32_t)(((uint32_t)(bucket[r] - 32768) << 16) | (uint32_t)d);
+        above[r] = acc;
+        eq[r] = h[d];
+    }
+    free(hist);
+    return rc;
+}
+
+/* For each of spans (at, size) pairs into keys, how many of its keys equal each of t[0:nt]:
+ * out[s * nt + j] (fapm score's per-chunk ties, from the gathered keys, in one call). */
+HOT API void fapm_count_eq_spans(const int32_t *keys, int64_t spans, const int64_t *span,
+                                 int nt, const int32_t *t, int64_t *out) {
+    for (int64_t s = 0; s < spans; s++) {
+        const int32_t *k = keys + span[2 * s];
+        int64_t m = span[2 * s + 1];
+        for (int j = 0; j < nt; j++) {
+            int64_t c = 0;
+            for (int64_t i = 0; i < m; i++) c += k[i] == t[j];
+            out[s * nt + j] = c;
+        }
+    }
 }
 
 /* The thresholds of ks[0:ms] among keys[0:n] in score_final's form: keep keys > t[j], then

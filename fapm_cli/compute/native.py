@@ -17,7 +17,7 @@ from functools import cache
 
 import torch
 
-ABI_VERSION = 12
+ABI_VERSION = 13
 ENV = "FAPM_NATIVE"  # "0": use the torch path (for comparisons and troubleshooting)
 
 # The dtype codes of _kernels.c. Scores are float32 for these; float64 inputs use torch.
@@ -174,6 +174,38 @@ class Kernels:
             raise ValueError(f"{m} ranks in 1..{n} in one select; at most {MAX_SWEEP}")
         return list(zip(key, above, eq, strict=True))
 
+    def bucket_select(
+        self, keys: torch.Tensor, asks: Sequence[tuple[int, int]]
+    ) -> list[tuple[int, int, int]]:
+        """For each (bucket, rank) in ``asks``: (key, above, eq) of the rank-th largest (1-based)
+        of the int32 ``keys`` in that top-16-bit bucket (a bin of ``score_pass``'s histograms),
+        ``above`` and ``eq`` counting that bucket's keys; one pass over ``keys`` for all."""
+        n, m = keys.numel(), len(asks)
+        bucket = (ctypes.c_int32 * m)(*(a[0] for a in asks))
+        rank = (_I64 * m)(*(a[1] for a in asks))
+        key, above, eq = (ctypes.c_int32 * m)(), (_I64 * m)(), (_I64 * m)()
+        rc = self._for(n).fapm_bucket_select(keys.data_ptr(), n, m, bucket, rank, key, above, eq)
+        if rc == -1:
+            raise MemoryError(f"no memory for the histograms of {m} buckets")
+        if rc != 0:
+            raise ValueError(f"{m} (bucket, rank) asks, not all within the {n} keys given")
+        return list(zip(key, above, eq, strict=True))
+
+    def count_eq_spans(
+        self, keys: torch.Tensor, spans: Sequence[tuple[int, int]], ts: Sequence[int]
+    ) -> torch.Tensor:
+        """(len(spans), len(ts)) int64: how many keys of each (start, size) span of the int32
+        ``keys`` equal each of ``ts``, in one call."""
+        at = torch.tensor(spans, dtype=torch.int64).reshape(-1, 2)
+        if at.numel() and (at.min() < 0 or (at[:, 0] + at[:, 1]).max() > keys.numel()):
+            raise ValueError(f"spans outside the {keys.numel()} keys given")
+        out = torch.empty(len(spans), len(ts), dtype=torch.int64)
+        self._for(keys.numel()).fapm_count_eq_spans(
+            keys.data_ptr(), len(spans), at.data_ptr(), len(ts), (ctypes.c_int32 * len(ts))(*ts),
+            out.data_ptr(),
+        )  # fmt: skip
+        return out
+
     def score_gather(
         self,
         base: torch.Tensor,
@@ -303,6 +335,10 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fapm_score_small.restype = ctypes.c_int
     lib.fapm_select_many.argtypes = [_P, _I64, ctypes.c_int, _P, _P, _P, _P]
     lib.fapm_select_many.restype = ctypes.c_int
+    lib.fapm_bucket_select.argtypes = [_P, _I64, ctypes.c_int, _P, _P, _P, _P, _P]
+    lib.fapm_bucket_select.restype = ctypes.c_int
+    lib.fapm_count_eq_spans.argtypes = [_P, _I64, _P, ctypes.c_int, _P, _P]
+    lib.fapm_count_eq_spans.restype = None
     lib.fapm_score_gather.argtypes = [
         ctypes.c_int, ctypes.c_int, _P, _P, _I64, ctypes.c_float, _P, _P, _P, _P, _P,
     ]  # fmt: skip

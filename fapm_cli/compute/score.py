@@ -137,10 +137,10 @@ def _score_native(
         eq = torch.zeros(len(starts), 2, len(ks), dtype=torch.int64)
         for j in range(2):
             keys_j, spans = gathered[j]
-            for s_idx, (key, _, one_by_one) in enumerate(rules[j]):
-                if one_by_one:
-                    for i, (at, size) in enumerate(spans):
-                        eq[i, j, s_idx] = kern.count_eq(keys_j[at : at + size], key)
+            which = [s_idx for s_idx, rule in enumerate(rules[j]) if rule[2]]
+            if which:
+                counted = kern.count_eq_spans(keys_j, spans, [rules[j][x][0] for x in which])
+                eq[:, j, which] = counted
         before = eq.cumsum(0) - eq  # ties in the chunks before each
         partial = (ties != 0) & (ties != ALL_TIES)
         share = (ties - before).clamp_(min=0).minimum(eq)
@@ -287,9 +287,10 @@ def _select(
     ws: Workspace,
 ) -> tuple[list[list[Threshold]], list[tuple[torch.Tensor, list[tuple[int, int]]]] | None]:
     """Every sparsity's exact threshold for both methods: the top buckets from ``hists``, then
-    one pass gathering the keys in those buckets (``_gather``) and a radix select among them in
-    memory (``native.select_many``, shared by the thresholds). Also returns, per method, the
-    gathered keys and each chunk's span of them (None when no threshold needed them)."""
+    one pass gathering the keys in those buckets (``_gather``) and one pass over those in
+    memory for every threshold (``native.bucket_select``: a low-16-bit histogram per bucket).
+    Also returns, per method, the gathered keys and each chunk's span of them (None when no
+    threshold needed them)."""
     n = b.numel()
     inner = [k for k in ks if 0 < k < n]
     found: list[list[tuple[int, int] | None]] = []
@@ -302,27 +303,20 @@ def _select(
     sel = torch.zeros(2, 1 << 16, dtype=torch.uint8)
     for j in range(2):
         sel[j, slots[j]] = 1
-    counted = [{x: int(hists[j, x]) for x in slots[j]} for j in range(2)]
-    gathered = _gather(kern, b, f, coef, [sum(c.values()) for c in counted], sel, starts, ws)
+    totals = [int(hists[j, slots[j]].sum()) if slots[j] else 0 for j in range(2)]
+    gathered = _gather(kern, b, f, coef, totals, sel, starts, ws)
     out: list[list[Threshold]] = []
     for j in range(2):
-        # Among the gathered keys, those above bucket B are the keys of the chosen buckets
-        # above B: the rank of the k-th largest there is k - above + those.
-        counts = counted[j]
-        wanted = []
-        for k, at in zip(ks, found[j], strict=True):
-            if at is not None:
-                higher = sum(c for x, c in counts.items() if x > at[0])
-                wanted.append((k, at[1], higher))
-        ranks = [k - above + higher for k, above, higher in wanted]
-        picks = iter(zip(wanted, kern.select_many(gathered[j][0], ranks), strict=True))
+        # The k-th largest key is the (k - above)-th largest of its bucket's keys.
+        asks = [(at[0], k - at[1]) for k, at in zip(ks, found[j], strict=True) if at is not None]
+        picks = iter(kern.bucket_select(gathered[j][0], asks))
         thresholds = []
         for k, at in zip(ks, found[j], strict=True):
             if at is None:
                 thresholds.append(_edge(k, n))
                 continue
-            (_, above, higher), (key, above_here, equal) = next(picks)
-            thresholds.append(scoring.settled(key, k - above - (above_here - higher), equal))
+            key, above_here, equal = next(picks)
+            thresholds.append(scoring.settled(key, k - at[1] - above_here, equal))
         out.append(thresholds)
     return out, gathered
 
