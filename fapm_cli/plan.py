@@ -9,7 +9,6 @@ see ``pairing``) before any tensor data is read, so a mismatch is refused up fro
 from __future__ import annotations
 
 import fnmatch
-import functools
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -34,10 +33,12 @@ class Method(StrEnum):
     RANDOM = "random"
 
 
-@functools.lru_cache(maxsize=1 << 12)  # Fraction arithmetic, once per tensor shape (MoE: many)
 def keep_count(numel: int, sparsity: Fraction) -> int:
-    """``floor(numel * (1 - s))`` computed exactly (numel 10, s 0.9 -> 1, not 0)."""
-    return int(numel * (1 - sparsity)) if sparsity < 1 else 0
+    """``floor(numel * (1 - s))`` computed exactly (numel 10, s 0.9 -> 1, not 0), in integers:
+    Fraction arithmetic (or a cache keyed by a Fraction, whose hash is computed each time) cost
+    7 us per tensor of a six-sparsity sweep, 0.07 s on 10,000 tensors."""
+    p, q = sparsity.numerator, sparsity.denominator
+    return numel * (q - p) // q if p < q else 0
 
 
 def parse_sparsity(text: str | float) -> Fraction:
