@@ -864,20 +864,21 @@ HOT API int fapm_score_final(int bdt, int fdt, const void *base, const void *ft,
  *
  * Several ranks among the same keys at once: an 8-bit radix select (as fapm_select_small)
  * whose histogram and compaction are shared by the ranks that fall in the same digit, level
- * by level. u[0:m] are candidates (top level: keys, xor flip into unsigned order) sharing
- * every digit above shift; want[] their ranks (1-based among u), ascending. Writes, for each
+ * by level. u[0:m] are candidates (keys xor 0x80000000: unsigned order) sharing every digit
+ * above shift (prefix); want[] their ranks (1-based among u), ascending. Writes, for each
  * want w, key[w.idx], above[w.idx] (keys exceeding it) and eq[w.idx] (keys equal to it).
- * Returns 0, or -1 when no scratch memory could be had. */
+ * Returns 0, or -1 when no scratch memory could be had. fapm_select_many does the top two
+ * digits in one pass, then calls this for the low two. */
 typedef struct {
     int64_t need; /* rank among the current candidates */
     int64_t above; /* keys above the current candidates */
     int idx;
 } Want;
 
-HOT static int select_group(const uint32_t *u, int64_t m, int shift, uint32_t flip, uint32_t prefix,
-                        Want *want, int nw, int32_t *key, int64_t *above, int64_t *eq) {
+HOT static int select_group(const uint32_t *u, int64_t m, int shift, uint32_t prefix, Want *want,
+                            int nw, int32_t *key, int64_t *above, int64_t *eq) {
     int64_t hist[256];
-    digit_hist(u, m, shift, flip, hist);
+    digit_hist(u, m, shift, 0, hist);
     int digit[MAXS + 1], first[MAXS + 1], ng = 0; /* group g: wants first[g]..first[g+1]-1 */
     int b = 255;
     int64_t acc = 0;
@@ -914,9 +915,8 @@ HOT static int select_group(const uint32_t *u, int64_t m, int shift, uint32_t fl
     if (ng == 1) {
         int64_t j = 0;
         for (int64_t i = 0; i < m && j < total; i++) {
-            uint32_t v = u[i] ^ flip;
-            cand[j] = v;
-            j += ((v >> shift) & 255u) == (uint32_t)digit[0];
+            cand[j] = u[i];
+            j += ((u[i] >> shift) & 255u) == (uint32_t)digit[0];
         }
     } else {
         uint8_t group[256];
@@ -925,27 +925,27 @@ HOT static int select_group(const uint32_t *u, int64_t m, int shift, uint32_t fl
         for (int g = 0; g < ng; g++) group[digit[g]] = (uint8_t)g, pos[g] = at[g];
         pos[ng] = total;
         for (int64_t i = 0; i < m; i++) {
-            uint32_t v = u[i] ^ flip;
-            int g = group[(v >> shift) & 255u];
-            cand[pos[g]] = v;
+            int g = group[(u[i] >> shift) & 255u];
+            cand[pos[g]] = u[i];
             pos[g] += g != ng;
         }
     }
     int rc = 0;
     for (int g = 0; g < ng && !rc; g++)
-        rc = select_group(cand + at[g], hist[digit[g]], shift - 8, 0,
+        rc = select_group(cand + at[g], hist[digit[g]], shift - 8,
                           prefix | ((uint32_t)digit[g] << shift), want + first[g],
                           first[g + 1] - first[g], key, above, eq);
     free(cand);
     return rc;
 }
 
-/* The ranks[0:nr] largest (1 <= rank <= n, any order) among keys[0:n] at once: for each r,
- * key[r] the key of that rank, above[r] how many keys exceed it, eq[r] how many equal it.
- * Returns 0, -1 (no scratch memory) or -2 (nr or a rank out of range). */
+/* The ranks[0:nr] largest (1 <= rank <= n, any order) among keys[0:n] (n < 2^31) at once:
+ * for each r, key[r] the key of that rank, above[r] how many keys exceed it, eq[r] how many
+ * equal it. Returns 0, -1 (no scratch memory) or -2 (n, nr or a rank out of range). A thread
+ * that calls it keeps a 256 kB array (its 16-bit counts) until it ends. */
 HOT API int fapm_select_many(const int32_t *keys, int64_t n, int nr, const int64_t *ranks,
                              int32_t *key, int64_t *above, int64_t *eq) {
-    if (nr < 0 || nr > MAXS) return -2;
+    if (nr < 0 || nr > MAXS || n > INT32_MAX) return -2; /* counts: uint32 */
     for (int r = 0; r < nr; r++)
         if (ranks[r] < 1 || ranks[r] > n) return -2;
     Want want[MAXS];
@@ -958,7 +958,89 @@ HOT API int fapm_select_many(const int32_t *keys, int64_t n, int nr, const int64
         want[w] = (Want){ranks[r], 0, r};
     }
     if (!nr) return 0;
-    return select_group((const uint32_t *)keys, n, 24, 0x80000000u, 0, want, nr, key, above, eq);
+    /* The top two digits in one pass: the top 8 and the top 16 bits counted together (the
+     * 16-bit counts in a per-thread array kept zeroed, cleared where the 8-bit counts say it
+     * was touched), each rank's 16-bit bucket found by walking both, then one pass gathering
+     * the keys of those buckets and the low two digits by select_group. The keys of one
+     * tensor share their top digit, so the 8-bit levels passed over nearly every key twice
+     * each for those two digits. */
+    static __thread uint32_t *bins;
+    if (!bins && !(bins = (uint32_t *)calloc(BINS, sizeof(uint32_t)))) return -1;
+    int64_t h8[4][256];
+    memset(h8, 0, sizeof h8);
+    const uint32_t *u = (const uint32_t *)keys;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int c = 0; c < 4; c++) {
+            uint32_t v = u[i + c] ^ 0x80000000u;
+            h8[c][v >> 24]++;
+            bins[v >> 16]++;
+        }
+    for (; i < n; i++) {
+        uint32_t v = u[i] ^ 0x80000000u;
+        h8[0][v >> 24]++;
+        bins[v >> 16]++;
+    }
+    for (int d = 0; d < 256; d++) h8[0][d] += h8[1][d] + h8[2][d] + h8[3][d];
+    /* each want's bucket: one walk down both histograms (the wants ascend) */
+    int64_t bucket[MAXS], acc = 0, acc16 = 0;
+    int d = 255, c = BINS - 1;
+    for (int w = 0; w < nr; w++) {
+        if (acc + h8[0][d] < want[w].need) {
+            while (acc + h8[0][d] < want[w].need) acc += h8[0][d--];
+            c = d * 256 + 255, acc16 = acc;
+        }
+        while (acc16 + bins[c] < want[w].need) acc16 += bins[c--];
+        bucket[w] = c;
+        want[w].need -= acc16;
+        want[w].above = acc16;
+    }
+    /* one slot per distinct bucket (consecutive wants), its keys' stretch of one array */
+    int first[MAXS + 1], ns = 0;
+    int64_t at[MAXS + 1], pos[MAXS + 1], total = 0;
+    for (int w = 0; w < nr; w++)
+        if (w == 0 || bucket[w] != bucket[w - 1]) {
+            first[ns] = w;
+            at[ns] = total;
+            total += bins[bucket[w]];
+            ns++;
+        }
+    first[ns] = nr;
+    for (int e = 0; e < 256; e++) /* back to zero, but for the buckets (marked below) */
+        if (h8[0][e]) memset(bins + e * 256, 0, 256 * sizeof(uint32_t));
+    for (int s = 0; s < ns; s++) bins[bucket[first[s]]] = (uint32_t)s + 1; /* 0: no slot */
+    /* the keys of every slot compacted in flat order (the cursor in a register), then, when
+     * there are several slots, sent to their own stretches from that much shorter list */
+    uint32_t *cand = (uint32_t *)malloc((size_t)(2 * total + 1) * sizeof(uint32_t));
+    if (!cand) {
+        for (int s = 0; s < ns; s++) bins[bucket[first[s]]] = 0;
+        return -1;
+    }
+    uint32_t *mixed = ns > 1 ? cand + total : cand;
+    int64_t j = 0;
+    for (i = 0; i < n && j < total; i++) {
+        uint32_t v = u[i] ^ 0x80000000u;
+        mixed[j] = v;
+        j += bins[v >> 16] != 0;
+    }
+    for (int s = 0; s < ns; s++) pos[s + 1] = at[s];
+    if (ns > 1)
+        for (i = 0; i < total; i++) {
+            uint32_t s = bins[mixed[i] >> 16];
+            cand[pos[s]++] = mixed[i];
+        }
+    else
+        pos[1] = total;
+    int rc = 0;
+    for (int s = 0; s < ns; s++) {
+        bins[bucket[first[s]]] = 0;
+        if (!rc)
+            rc = select_group(cand + at[s], pos[s + 1] - at[s], 8,
+                              (uint32_t)bucket[first[s]] << 16, want + first[s],
+                              first[s + 1] - first[s], key, above, eq);
+    }
+    free(cand);
+    return rc;
 }
 
 /* The keys of given ranks inside top-16-bit buckets, all at once: request r asks for the
