@@ -302,28 +302,30 @@ class ForgettingReport:
     scores_output: str | None
     seconds: float
 
-    @property
+    @functools.cached_property
     def total(self) -> Sums:
         return total(t.sums for t in self.tensors)
 
     def by_layer(self) -> list[tuple[int | None, Sums]]:
         """Per layer, in layer order; tensors outside any layer last (key None)."""
-        groups = _group(self.tensors, lambda t: t.layer)
+        groups = self._group(lambda t: t.layer)
         return sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
 
     def by_module(self) -> list[tuple[str, Sums]]:
-        groups = _group(self.tensors, lambda t: t.module)
+        groups = self._group(lambda t: t.module)
         return [(m, groups[m]) for m in MODULES if m in groups]
 
     def grid(self) -> dict[tuple[int | None, str], Sums]:
-        return _group(self.tensors, lambda t: (t.layer, t.module))
+        return self._group(lambda t: (t.layer, t.module))
 
-
-def _group(tensors: Iterable[TensorScore], key: Callable[[TensorScore], K]) -> dict[K, Sums]:
-    members: dict[K, list[Sums]] = {}
-    for t in tensors:
-        members.setdefault(key(t), []).append(t.sums)
-    return {k: total(v) for k, v in members.items()}
+    def _group(self, key: Callable[[TensorScore], K]) -> dict[K, Sums]:
+        members: dict[K, list[Sums]] = {}
+        for t in self.tensors:
+            members.setdefault(key(t), []).append(t.sums)
+        # A group of every tensor (the one layer, module and cell of a grid of experts) adds
+        # the values the total adds, in the same order: that sum once, not four times.
+        every = len(self.tensors)
+        return {k: self.total if len(v) == every else total(v) for k, v in members.items()}
 
 
 _FIELDS = [operator.attrgetter(f.name) for f in fields(Sums)]
