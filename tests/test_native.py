@@ -240,6 +240,37 @@ def test_bucket_select_against_a_sort() -> None:
 
 
 @needs_kernels
+@pytest.mark.parametrize("n", [4096, 70_000])
+def test_score_final_pass_the_same_with_or_without_avx512(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fapm score's final pass has an AVX-512 form (mask registers; used where the CPU has
+    it), a portable vector form (several sparsities at once) and the one-sparsity loop: every
+    figure the same, bit for bit, at one and at six sparsities, with thresholds that keep only
+    part of their ties and a tail of entries past the last 8 (on a CPU without AVX-512 both
+    runs take the portable forms)."""
+    assert KERNELS is not None
+    from fapm_cli.compute import score as compute_score
+
+    monkeypatch.setattr(scoring, "FUSED_CHUNK", 1000)  # the 70,000: many chunks, 3-pass path
+    gen = torch.Generator().manual_seed(n)
+    b = (torch.randn(n + 5, generator=gen) * 0.02).to(torch.bfloat16)
+    f = (b.float() + torch.randn(n + 5, generator=gen) * 5e-4).to(torch.bfloat16)
+    b[n // 5 : n // 2], f[n // 5 : n // 2] = 0.01, 0.0105  # a plateau of equal scores
+    ws = scoring.Workspace()
+    sweeps = [[Fraction(9, 10)], [Fraction(x, 100) for x in (0, 50, 70, 80, 90, 99)]]
+    got = {}
+    try:
+        for wide in (True, False):
+            KERNELS.use_avx512(wide)
+            got[wide] = [compute_score.score_sweep("t", b, f, s, 0.7, None, ws) for s in sweeps]
+    finally:
+        KERNELS.use_avx512(True)
+    assert got[True] == got[False]
+    assert got[True][1][4] == got[True][0][0]  # 0.9 in the sweep: what 0.9 alone gives
+
+
+@needs_kernels
 def test_count_eq_spans_against_python() -> None:
     assert KERNELS is not None
     rng = random.Random(6)

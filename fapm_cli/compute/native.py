@@ -17,7 +17,7 @@ from functools import cache
 
 import torch
 
-ABI_VERSION = 13
+ABI_VERSION = 14
 ENV = "FAPM_NATIVE"  # "0": use the torch path (for comparisons and troubleshooting)
 
 # The dtype codes of _kernels.c. Scores are float32 for these; float64 inputs use torch.
@@ -173,6 +173,11 @@ class Kernels:
         if rc != 0:
             raise ValueError(f"{m} ranks in 1..{n} in one select; at most {MAX_SWEEP}")
         return list(zip(key, above, eq, strict=True))
+
+    def use_avx512(self, on: bool) -> None:
+        """Let score's final pass use its AVX-512 form where the CPU has it (the default), or
+        keep to the portable one: the same figures either way (the tests compare them)."""
+        self.lib.fapm_use_avx512(int(on))
 
     def bucket_select(
         self, keys: torch.Tensor, asks: Sequence[tuple[int, int]]
@@ -335,6 +340,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.fapm_score_small.restype = ctypes.c_int
     lib.fapm_select_many.argtypes = [_P, _I64, ctypes.c_int, _P, _P, _P, _P]
     lib.fapm_select_many.restype = ctypes.c_int
+    lib.fapm_use_avx512.argtypes = [ctypes.c_int]
+    lib.fapm_use_avx512.restype = None
     lib.fapm_bucket_select.argtypes = [_P, _I64, ctypes.c_int, _P, _P, _P, _P, _P]
     lib.fapm_bucket_select.restype = ctypes.c_int
     lib.fapm_count_eq_spans.argtypes = [_P, _I64, _P, ctypes.c_int, _P, _P]
