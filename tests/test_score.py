@@ -508,7 +508,24 @@ def test_indented_json_is_the_standard_librarys(tmp_path: Path) -> None:
     ]
     for d in odd:
         assert dumps_indented(d) == json.dumps(d, indent=2, allow_nan=False)
-    for bad in ({"a": float("nan")}, [float("inf")], {"a": [1, {"b": float("-inf")}]}):
+    row = {"name": 'w"%s\n', "shape": [64, 2], "x": 1.5, "k": 3, "n": None, "b": True}
+    tables = [  # lists of rows (formatted in one go when uniform), and what must not be
+        [row, row, {**row, "shape": []}, {**row, "shape": [7], "n": 0.25, "b": False}],
+        [row, {**row, "shape": [1.0, 2.0]}],  # floats equal to ints: their own text
+        [row, {**row, "shape": [True]}],
+        [row, {**row, "x": {"y": 1}}],
+        [row, {"shape": [1], "name": "a", "x": 1.5, "k": 3, "n": None, "b": True}],
+        [row, {**row, "z": 1}],
+        [row, {**row, "name": Method.FAPM}],
+        [{"%d": 1, "e\u00e9": [3]}, {"%d": 2, "e\u00e9": [3]}],
+        [row, [1]],
+        [{1: 2}, {1: 3}],
+    ]
+    for t in tables:
+        d = {"rows": t, "nested": [[t]]}
+        assert dumps_indented(d) == json.dumps(d, indent=2, allow_nan=False)
+    for bad in ({"a": float("nan")}, [float("inf")], {"a": [1, {"b": float("-inf")}]},
+                [row, {**row, "x": float("nan")}]):  # fmt: skip
         with pytest.raises(ValueError):
             dumps_indented(bad)
     base, ft = make_pair(seed=2)
