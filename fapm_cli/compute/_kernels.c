@@ -208,6 +208,11 @@ HOT API void fapm_bucket_hist(const int32_t *keys, int64_t n, int32_t low, int64
  * its own store each time (~5x slower). */
 static inline void digit_hist(const uint32_t *u, int64_t m, int shift, uint32_t flip,
                               int64_t hist[256]) {
+    if (m < 256) { /* a few keys (the low digits of a sweep's select): one copy */
+        memset(hist, 0, 256 * sizeof(int64_t));
+        for (int64_t i = 0; i < m; i++) hist[((u[i] ^ flip) >> shift) & 255u]++;
+        return;
+    }
     int64_t h[4][256];
     memset(h, 0, sizeof h);
     int64_t i = 0;
