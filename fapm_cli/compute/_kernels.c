@@ -773,7 +773,7 @@ KEEP_GROUP(4)
  * for any x86-64): the int32 keys compared into mask registers, each kept entry's tau^2 added
  * under its mask (a lane left alone, where keep_group adds +0.0: the same bits, lanes only
  * ever hold +0.0, positive sums or NaN), counts likewise. Fewer instructions per entry and
- * sparsity than the portable form (the final pass of a sweep of six: 57 -> 36 ms on a 16.7M
+ * sparsity than the portable form (the final pass of a sweep of six: 57 -> 29 ms on a 16.7M
  * tensor, one thread; docs/benchmarks.md). */
 #define KEEP_WIDE(G)                                                                            \
     __attribute__((target("avx512f,avx512vl"))) static void keep_wide_##G(                     \
