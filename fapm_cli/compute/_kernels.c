@@ -694,6 +694,21 @@ static inline void keep_both(const int32_t *kf, const int32_t *km, int64_t m, in
 
 #define MAXS 64
 
+/* The end of keep_group_G / keep_wide_G for one sparsity: entries i..m-1 (past the last full
+ * 8) added in their lanes, then the block's counts (nf, nm, nb so far) to the totals. */
+static inline __attribute__((always_inline)) void group_tail(
+    const int32_t *kf, const int32_t *km, const float *a2, int64_t i, int64_t m, int32_t tf,
+    int32_t tm, double lf[8], double lm[8], int64_t nf, int64_t nm, int64_t nb, int64_t *kept_f,
+    int64_t *kept_m, int64_t *overlap) {
+    for (; i < m; i++) {
+        int32_t p = kf[i] > tf, q = km[i] > tm;
+        lf[i & 7] += p ? (double)a2[i] : 0.0;
+        lm[i & 7] += q ? (double)a2[i] : 0.0;
+        nf += p, nm += q, nb += p & q;
+    }
+    *kept_f += nf, *kept_m += nm, *overlap += nb;
+}
+
 #if defined(__GNUC__) /* GCC and clang: vector extensions */
 /* 256-bit vectors: GCC 12 fails (an internal error) on 512-bit ones in target_clones. */
 typedef int32_t v4i __attribute__((vector_size(16)));
@@ -749,13 +764,8 @@ typedef double v4d __attribute__((vector_size(32)));
             memcpy(lf[j], af[g], sizeof af[g]);                                                 \
             memcpy(lm[j], am[g], sizeof am[g]);                                                 \
             for (int l = 0; l < 4; l++) nf += cf[g][l], nm += cm[g][l], nb += cb[g][l];         \
-            for (int64_t t = i; t < m; t++) { /* the last entries, in their lanes */            \
-                int32_t p = kf[t] > tf[j], q = km[t] > tm[j];                                   \
-                lf[j][t & 7] += p ? (double)a2[t] : 0.0;                                        \
-                lm[j][t & 7] += q ? (double)a2[t] : 0.0;                                        \
-                nf += p, nm += q, nb += p & q;                                                  \
-            }                                                                                   \
-            kept_f[j] += nf, kept_m[j] += nm, overlap[j] += nb;                                 \
+            group_tail(kf, km, a2, i, m, tf[j], tm[j], lf[j], lm[j], nf, nm, nb, &kept_f[j],      \
+                       &kept_m[j], &overlap[j]);                                                \
         }                                                                                       \
     }
 KEEP_GROUP(1)
@@ -815,13 +825,8 @@ KEEP_GROUP(4)
             _mm256_storeu_si256((__m256i *)n3[1], cm[g]);                                       \
             _mm256_storeu_si256((__m256i *)n3[2], cb[g]);                                       \
             for (int l = 0; l < 8; l++) nf += n3[0][l], nm += n3[1][l], nb += n3[2][l];         \
-            for (int64_t t = i; t < m; t++) { /* the last entries, in their lanes */            \
-                int32_t p = kf[t] > tf[j], q = km[t] > tm[j];                                   \
-                lf[j][t & 7] += p ? (double)a2[t] : 0.0;                                        \
-                lm[j][t & 7] += q ? (double)a2[t] : 0.0;                                        \
-                nf += p, nm += q, nb += p & q;                                                  \
-            }                                                                                   \
-            kept_f[j] += nf, kept_m[j] += nm, overlap[j] += nb;                                 \
+            group_tail(kf, km, a2, i, m, tf[j], tm[j], lf[j], lm[j], nf, nm, nb, &kept_f[j],      \
+                       &kept_m[j], &overlap[j]);                                                \
         }                                                                                       \
     }
 KEEP_WIDE(1)
