@@ -778,7 +778,6 @@ KEEP_GROUP(4)
 
 #if GROUPED && defined(__x86_64__)
 #include <immintrin.h>
-#define WIDE 1
 /* keep_group_G on a CPU with AVX-512 (F and VL, checked at run time: the kernels are built
  * for any x86-64): the int32 keys compared into mask registers, each kept entry's tau^2 added
  * under its mask (a lane left alone, where keep_group adds +0.0: the same bits, lanes only
@@ -834,20 +833,19 @@ KEEP_WIDE(2)
 KEEP_WIDE(3)
 KEEP_WIDE(4)
 
-/* 1 where the CPU has AVX-512 F and VL (unless fapm_use_avx512(0) turned it off: the tests
- * compare both forms); -1 until first asked. */
-static int wide = -1;
+/* 1 where the CPU (and the OS) has AVX-512 F and VL, set when the library is loaded, before
+ * any scoring thread reads it; fapm_use_avx512(0) turns it off (the tests compare forms). */
+static int wide;
 
 API void fapm_use_avx512(int on) {
+    __builtin_cpu_init(); /* a constructor may run before libgcc's own */
     wide = on && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
 }
 
-static inline int use_wide(void) {
-    if (wide < 0) fapm_use_avx512(1);
-    return wide;
-}
+__attribute__((constructor)) static void detect_wide(void) { fapm_use_avx512(1); }
+
+static inline int use_wide(void) { return wide; }
 #else
-#define WIDE 0
 API void fapm_use_avx512(int on) { (void)on; }
 static inline int use_wide(void) { return 0; }
 #endif
