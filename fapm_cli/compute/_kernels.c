@@ -1153,7 +1153,7 @@ HOT API int fapm_select_many(const int32_t *keys, int64_t n, int nr, const int64
  * bucket's histogram from the top: key[r] gets the key, above[r] how many keys of that bucket
  * exceed it, eq[r] how many equal it. fapm score's select among the keys fapm_score_gather
  * collected: one pass, where a radix select from the top digit compacted the keys once per
- * threshold (a sweep's six thresholds: 36 -> 5 ms on a 16.7M tensor). Returns 0, -1 (no
+ * threshold (a sweep's six thresholds: 36 -> 8 ms on a 16.7M tensor). Returns 0, -1 (no
  * memory) or -2 (nr, a bucket or a rank out of range). */
 HOT API int fapm_bucket_select(const int32_t *keys, int64_t n, int nr, const int32_t *bucket,
                                const int64_t *rank, int32_t *key, int64_t *above,
