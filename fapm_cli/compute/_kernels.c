@@ -1212,7 +1212,7 @@ HOT API void fapm_count_eq_spans(const int32_t *keys, int64_t spans, const int64
  * scoring.edge_threshold / scoring.settled. */
 static int thresholds_of(const int32_t *keys, int64_t n, int ms, const int64_t *ks, int32_t *t,
                          int64_t *ties) {
-    int64_t ranks[MAXS], above[MAXS], eq[MAXS];
+    int64_t ranks[MAXS] = {0}, above[MAXS], eq[MAXS]; /* = {0}: GCC cannot see nr guards it */
     int32_t key[MAXS];
     int at[MAXS], nr = 0;
     for (int j = 0; j < ms; j++) {
@@ -1245,7 +1245,7 @@ HOT API void fapm_score_gather(int bdt, int fdt, const void *base, const void *f
                                int32_t *out_f, int32_t *out_m, int64_t *counts) {
     int32_t kf[BLOCK], km[BLOCK];
     float a2[BLOCK], *aa = NULL, *bb = NULL, *rr = NULL, *ss = NULL;
-    (void)aa, (void)bb, (void)rr, (void)ss;
+    (void)aa, (void)bb, (void)rr, (void)ss, (void)a2; /* BLOCK_KEYS fills a2: not needed here */
     int64_t jf = 0, jm = 0;
     for (int64_t c = 0; c < n; c += BLOCK) {
         int64_t m = n - c < BLOCK ? n - c : BLOCK;
