@@ -633,20 +633,25 @@ static inline int32_t take_ties(const int32_t *k, int64_t m, int32_t t, int64_t 
  * the kept x (float64, 8 lanes in element order). */
 static inline int64_t keep_block(const int32_t *k, int64_t m, int32_t t, int64_t *ties,
                                  const float *x, uint8_t *keep, double lane[8]) {
-    int64_t kept = 0, left = *ties; /* a local: keep[] (bytes) may alias *ties */
-    for (int64_t i = 0; i < m; i++) {
-        int32_t y = k[i] > t;
-        if (k[i] == t && left > 0) {
-            y = 1;
-            left--;
+    /* The quota's last tie is found by a scan that stops there (a branch taken once); then
+     * one branchless pass keeps every tie before that cut and none after. A branch per tie
+     * was mispredicted wherever ties are common (bf16 magnitude keys): 5x slower. */
+    int64_t left = *ties, cut = left > 0 ? m : 0, taken = 0; /* local: keep[] may alias */
+    for (int64_t i = 0; i < m && left > 0; i++) {
+        taken += k[i] == t;
+        if (taken == left) {
+            cut = i + 1;
+            break;
         }
-        keep[i] = (uint8_t)y;
     }
-    *ties = left;
+    *ties = left - taken;
     float kx[BLOCK];
+    int64_t kept = 0;
     for (int64_t i = 0; i < m; i++) {
-        kx[i] = keep[i] ? x[i] : 0.0f;
-        kept += keep[i];
+        int32_t y = (k[i] > t) | ((k[i] == t) & (i < cut));
+        keep[i] = (uint8_t)y;
+        kx[i] = y ? x[i] : 0.0f;
+        kept += y;
     }
     add_lanes(lane, kx, m);
     return kept;
