@@ -185,11 +185,10 @@ def _rows(rows: list[Any], level: int) -> list[str] | None:
             return None
         values = list(d.values())
         kinds = tuple(map(type, values))
-        at = lists_at.get(kinds, ())
-        if at == ():  # a new combination of value types: where its lists are, if allowed
+        if kinds not in lists_at:  # a new combination of value types: where its lists are
             ok = all(t in _SCALAR_TYPES or t is list for t in kinds)
-            at = tuple(i for i, t in enumerate(kinds) if t is list) if ok else None
-            lists_at[kinds] = at
+            lists_at[kinds] = tuple(i for i, t in enumerate(kinds) if t is list) if ok else None
+        at = lists_at[kinds]
         if at is None:
             return None
         mine = []
