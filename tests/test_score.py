@@ -524,6 +524,22 @@ def test_indented_json_is_the_standard_librarys(tmp_path: Path) -> None:
     for t in tables:
         d = {"rows": t, "nested": [[t]]}
         assert dumps_indented(d) == json.dumps(d, indent=2, allow_nan=False)
+    # Columns met again in one document are looked up, not encoded again: columns equal in
+    # value but not in text (-0.0 == 0.0, 1 == 1.0 == True; mixed with None) must not be
+    # taken for each other, nor a column of lists at another depth.
+    a = {"x": 0.0, "n": 1, "m": None, "s": [1, 2]}
+    twins = [
+        [a, {**a, "x": 1.5}],
+        [{**a, "x": -0.0}, {**a, "x": 1.5}],
+        [{**a, "n": 1.0}, {**a, "n": True}],
+        [{**a, "n": True}, a],
+        [{**a, "m": 1}, {**a, "m": None}],
+        [{**a, "m": True}, {**a, "m": None}],
+        [{**a, "m": 1.0, "x": None}, {**a, "m": None}],
+        [{**a, "m": -0.0, "x": None}, {**a, "m": None}],
+    ]
+    d = {"t": twins, "again": twins[::-1], "deeper": {"t": [[t] for t in twins]}}
+    assert dumps_indented(d) == json.dumps(d, indent=2, allow_nan=False)
     for bad in ({"a": float("nan")}, [float("inf")], {"a": [1, {"b": float("-inf")}]},
                 [row, {**row, "x": float("nan")}]):  # fmt: skip
         with pytest.raises(ValueError):

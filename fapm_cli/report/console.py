@@ -6,11 +6,13 @@ renders the plain records of ``fapm_cli.records``.
 
 from __future__ import annotations
 
+import array
 import functools
+import itertools
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TextIO, TypeVar
 
 JSON_SCHEMA_VERSION = 1
@@ -85,10 +87,10 @@ def dumps_indented(obj: Any) -> str:
     encoder takes any separator. Runs of scalar items go to the C encoder with "," + newline
     + indent as the separator; only containers holding containers are walked here, and a
     list of a report's rows goes through ``_rows``. A sweep's report (60,000 rows) took 1.2 s
-    the standard way, 0.6 s so (docs/benchmarks.md)."""
+    the standard way, 0.3 s so (docs/benchmarks.md)."""
     out: list[str] = []
     try:
-        _put(obj, 0, out)
+        _put(obj, 0, out, {})
     except _Unusual:
         return json.dumps(obj, indent=2, allow_nan=False)
     return "".join(out)
@@ -101,7 +103,7 @@ class _Unusual(Exception):
 _SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
-def _put(o: Any, level: int, out: list[str]) -> None:
+def _put(o: Any, level: int, out: list[str], seen: dict[Any, list[str]]) -> None:
     kind = type(o)
     if kind is dict or (kind not in _SCALAR_TYPES and isinstance(o, dict)):
         if not o:
@@ -122,7 +124,7 @@ def _put(o: Any, level: int, out: list[str]) -> None:
                 out.append(sep + pad + flat(run)[1:-1])
                 run, sep = {}, ","
             out.append(sep + pad + json.encoder.encode_basestring_ascii(k) + ": ")
-            _put(v, level + 1, out)
+            _put(v, level + 1, out, seen)
             sep = ","
         if run:
             out.append(sep + pad + flat(run)[1:-1])
@@ -136,13 +138,13 @@ def _put(o: Any, level: int, out: list[str]) -> None:
             out.append("[" + pad + _flat(level + 1)(o)[1:-1] + "\n" + "  " * level + "]")
             return
         if len(o) > 1 and type(o[0]) is dict:
-            rows = _rows(o, level + 1)
-            if rows is not None:
-                out.append("[" + pad + ("," + pad).join(rows) + "\n" + "  " * level + "]")
+            table = _rows(o, level + 1, seen)
+            if table is not None:
+                out += ["[" + pad, table, "\n" + "  " * level + "]"]
                 return
         for i, v in enumerate(o):
             out.append(("[" if i == 0 else ",") + pad)
-            _put(v, level + 1, out)
+            _put(v, level + 1, out, seen)
         out.append("\n" + "  " * level + "]")
     else:  # a scalar, or what the standard encoder should judge (and refuse) itself
         out.append(json.dumps(o, indent=2, allow_nan=False))
@@ -163,59 +165,66 @@ def _cut_encoder() -> Callable[[Any], str]:
     return lambda o: "".join(c(o, 0))
 
 
-def _rows(rows: list[Any], level: int) -> list[str] | None:
-    """The text of each of ``rows`` at ``level`` when they are a report's rows: dicts with the
-    same string keys in the same order whose values are scalars or lists of ints. Every
-    scalar of every row goes through one encoder call, each row is then one format of its
-    values' texts (a sweep's 60,000 rows: 0.69 -> 0.6 s; the floats' repr is most of what is
-    left). None for anything else: ``_put`` formats it."""
+def _rows(rows: list[Any], level: int, seen: dict[Any, list[str]]) -> str | None:
+    """``rows`` as the items of a list at ``level`` (the text between its brackets' lines) when
+    they are a report's rows: dicts with the same string keys in the same order whose values,
+    column by column, are scalars or lists of ints. Each column goes through one encoder call,
+    and a column already met in the document (``seen``: a sweep's reports share their
+    sparsity-free columns) is not encoded again; the columns' texts are then interleaved with
+    the keys in one join. None for anything else: ``_put`` formats it. A sweep's 60,000 rows:
+    0.52 -> 0.2 s (docs/benchmarks.md)."""
     keys = tuple(rows[0])
-    if not all(type(k) is str for k in keys):
+    if not keys or not all(type(k) is str for k in keys):
         return None
-    pad = ",\n" + "  " * (level + 1)
-    head = [json.encoder.encode_basestring_ascii(k).replace("%", "%%") + ": %s" for k in keys]
-    form = "{" + pad[1:] + pad.join(head) + "\n" + "  " * level + "}"
-    inner, close = "\n" + "  " * (level + 2), "\n" + "  " * (level + 1) + "]"
-    lists_at: dict[tuple[type, ...], tuple[int, ...] | None] = {}
-    texts: dict[tuple[int, ...], str] = {}
-    scalars: list[Any] = []
-    shaped: list[tuple[tuple[int, ...], list[str]]] = []  # per row: where its lists go, texts
-    for d in rows:
-        if type(d) is not dict or tuple(d) != keys:
+    if set(map(type, rows)) != {dict} or not all(map(keys.__eq__, map(tuple, rows))):
+        return None
+    inner = "\n" + "  " * (level + 1)
+    parts: list[Iterable[str]] = []
+    for i, column in enumerate(zip(*map(dict.values, rows), strict=True)):
+        text = _column(column, level + 1, seen)
+        if text is None:
             return None
-        values = list(d.values())
-        kinds = tuple(map(type, values))
-        if kinds not in lists_at:  # a new combination of value types: where its lists are
-            ok = all(t in _SCALAR_TYPES or t is list for t in kinds)
-            lists_at[kinds] = tuple(i for i, t in enumerate(kinds) if t is list) if ok else None
-        at = lists_at[kinds]
-        if at is None:
-            return None
-        mine = []
-        for i in reversed(at):  # popped from the end: the earlier positions stay
-            v = values.pop(i)
-            if set(map(type, v)) - {int}:  # 1.0 == 1 == True: the types decide, not the cache
-                return None
-            key = tuple(v)
-            text = texts.get(key)
-            if text is None:
-                text = "[]" if not v else "[" + inner + ("," + inner).join(map(str, v)) + close
-                texts[key] = text
-            mine.append(text)
-        scalars += values
-        shaped.append((at, mine))
-    each = _cut_encoder()(scalars)[1:-1].split(_CUT) if scalars else []
-    out = []
-    start = 0
-    width = len(keys)
-    for at, mine in shaped:
-        stop = start + width - len(at)
-        parts = each[start:stop]
-        start = stop
-        for i, text in zip(at, reversed(mine), strict=True):
-            parts.insert(i, text)
-        out.append(form % tuple(parts))
-    return out
+        key = json.encoder.encode_basestring_ascii(keys[i])
+        parts += [itertools.repeat(("{" if i == 0 else ",") + inner + key + ": "), text]
+    close = "\n" + "  " * level + "}"
+    pieces = list(
+        itertools.chain.from_iterable(zip(*parts, itertools.repeat(close + ",\n" + "  " * level)))
+    )
+    pieces[-1] = close  # the last row's: no item after it
+    return "".join(pieces)
+
+
+def _column(values: tuple[Any, ...], level: int, seen: dict[Any, list[str]]) -> list[str] | None:
+    """The JSON text of each of ``values`` (one column of ``_rows``, at ``level``): scalars, or
+    lists of ints; None for other values. ``seen`` keeps the texts of each column by what
+    decides them: the types and values, and a float's bits (-0.0 == 0.0, 1 == 1.0 == True;
+    their texts differ), so that an equal column is looked up instead of encoded."""
+    kinds = set(map(type, values))
+    if kinds <= _SCALAR_TYPES:
+        if len(kinds) == 1 and float not in kinds:
+            key: Any = ("scalars", kinds.pop(), values)
+        elif float not in kinds:
+            key = ("scalars", tuple(map(type, values)), values)
+        elif len(kinds) == 1:
+            key = array.array("d", values).tobytes()
+        else:  # floats among other types: not worth a key
+            return _cut_encoder()(values)[1:-1].split(_CUT)
+        text = seen.get(key)
+        if text is None:
+            text = seen[key] = _cut_encoder()(values)[1:-1].split(_CUT)
+        return text
+    if kinds != {list} or set(map(type, itertools.chain.from_iterable(values))) - {int}:
+        return None  # 1.0 == 1 == True: the types decide, not the cache
+    key = ("lists", level, tuple(map(tuple, values)))
+    text = seen.get(key)
+    if text is None:
+        inner, close = "\n" + "  " * (level + 1), "\n" + "  " * level + "]"
+        each: dict[tuple[int, ...], str] = {}
+        for v in key[2]:
+            if v not in each:
+                each[v] = "[]" if not v else "[" + inner + ("," + inner).join(map(str, v)) + close
+        text = seen[key] = [each[v] for v in key[2]]
+    return text
 
 
 def show(
