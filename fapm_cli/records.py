@@ -263,22 +263,23 @@ class PlotMetric(StrEnum):
     JACCARD = "mask_jaccard"
 
 
-def figures(s: Sums) -> dict[str, float | int | None]:
-    """The row of FIGURES for ``s``: the properties' values, computed here in one go (a
-    sweep's report makes this row for every tensor at every sparsity)."""
+def figures(s: Sums, row: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The row of FIGURES for ``s``: the properties' values, computed here in one go and added
+    to ``row`` (a new dict by default; a report's row brings its name columns first). A
+    sweep's report makes this row for every tensor at every sparsity."""
+    row = {} if row is None else row
     n, sq, union = s.numel, s.sq, 2 * s.kept - s.overlap
-    return {
-        "numel": n,
-        "mean_abs_tau": s.abs_tau / n if n else None,
-        "mean_abs_base": s.abs_base / n if n else None,
-        "mean_rel_change": s.rel / s.base_nonzero if s.base_nonzero else None,
-        "base_zero": n - s.base_nonzero,
-        "positive_score_fraction": s.positive / n if n else None,
-        "fapm_sq_norm_kept_fraction": s.sq_fapm / sq if sq > 0 else None,
-        "magnitude_sq_norm_kept_fraction": s.sq_magnitude / sq if sq > 0 else None,
-        "mask_jaccard": s.overlap / union if union else None,
-        "kept": s.kept,
-    }
+    row["numel"] = n
+    row["mean_abs_tau"] = s.abs_tau / n if n else None
+    row["mean_abs_base"] = s.abs_base / n if n else None
+    row["mean_rel_change"] = s.rel / s.base_nonzero if s.base_nonzero else None
+    row["base_zero"] = n - s.base_nonzero
+    row["positive_score_fraction"] = s.positive / n if n else None
+    row["fapm_sq_norm_kept_fraction"] = s.sq_fapm / sq if sq > 0 else None
+    row["magnitude_sq_norm_kept_fraction"] = s.sq_magnitude / sq if sq > 0 else None
+    row["mask_jaccard"] = s.overlap / union if union else None
+    row["kept"] = s.kept
+    return row
 
 
 @dataclass(frozen=True)
@@ -308,34 +309,42 @@ class ForgettingReport:
 
     def by_layer(self) -> list[tuple[int | None, Sums]]:
         """Per layer, in layer order; tensors outside any layer last (key None)."""
-        groups = self._group(lambda t: t.layer)
+        groups = self._group(operator.attrgetter("layer"))
         return sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
 
     def by_module(self) -> list[tuple[str, Sums]]:
-        groups = self._group(lambda t: t.module)
+        groups = self._group(operator.attrgetter("module"))
         return [(m, groups[m]) for m in MODULES if m in groups]
 
     def grid(self) -> dict[tuple[int | None, str], Sums]:
-        return self._group(lambda t: (t.layer, t.module))
+        return self._group(operator.attrgetter("layer", "module"))
 
     def _group(self, key: Callable[[TensorScore], K]) -> dict[K, Sums]:
+        keys = list(map(key, self.tensors))
+        if len(set(keys)) == 1:
+            # One group of every tensor (the one layer, module and cell of a grid of experts)
+            # adds the values the total adds, in the same order: that sum once, not four times.
+            return {keys[0]: self.total}
         members: dict[K, list[Sums]] = {}
-        for t in self.tensors:
-            members.setdefault(key(t), []).append(t.sums)
-        # A group of every tensor (the one layer, module and cell of a grid of experts) adds
-        # the values the total adds, in the same order: that sum once, not four times.
-        every = len(self.tensors)
-        return {k: self.total if len(v) == every else total(v) for k, v in members.items()}
+        for k, t in zip(keys, self.tensors, strict=True):
+            members.setdefault(k, []).append(t.sums)
+        return {k: total(v) for k, v in members.items()}
 
 
-_FIELDS = [operator.attrgetter(f.name) for f in fields(Sums)]
+# Each field of Sums, and whether it counts (an int: exact in any order, summed by sum()).
+_FIELDS = [(operator.attrgetter(f.name), type(f.default) is int) for f in fields(Sums)]
 
 
 def total(parts: Iterable[Sums]) -> Sums:
-    """``Sums() + a + b + ...``, field by field in C (reduce over operator.add: the same
-    additions in the same order; builtin sum would not promise that order for floats)."""
+    """``Sums() + a + b + ...``, field by field in C: the counts by sum(), the floats by reduce
+    over operator.add (the same additions in the same order; builtin sum would not promise
+    that order for floats, and 3.12's does not keep it)."""
     rows = list(parts)
-    return Sums(*(functools.reduce(operator.add, map(get, rows), get(Sums())) for get in _FIELDS))
+    values: list[Any] = [
+        sum(map(get, rows)) if counts else functools.reduce(operator.add, map(get, rows), 0.0)
+        for get, counts in _FIELDS
+    ]
+    return Sums(*values)
 
 
 def sort_tensors(

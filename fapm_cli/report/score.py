@@ -183,10 +183,6 @@ def print_sweep(reports: Sequence[ForgettingReport]) -> None:
 _SWEEP_COLUMNS = ("fapm_sq_norm_kept_fraction", "magnitude_sq_norm_kept_fraction", "mask_jaccard")
 
 
-def _row(s: Sums) -> dict[str, float | int | None]:
-    return figures(s)
-
-
 def report_json(
     r: ForgettingReport, rows: Sequence[TensorScore], sort: SortKey | None, top: int | None
 ) -> dict[str, object]:
@@ -197,16 +193,16 @@ def report_json(
         "lam": r.lam,
         "sort": sort.value if sort else None,
         "top": top,
-        "total": _row(r.total),
+        "total": figures(r.total),
         "tensors": [
-            {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "layer": t.layer,
-             "module": t.module, **_row(t.sums)}
+            figures(t.sums, {"name": t.name, "shape": list(t.shape), "dtype": t.dtype,
+                             "layer": t.layer, "module": t.module})
             for t in rows
         ],
-        "layers": [{"layer": k, **_row(s)} for k, s in r.by_layer()],
-        "modules": [{"module": k, **_row(s)} for k, s in r.by_module()],
+        "layers": [figures(s, {"layer": k}) for k, s in r.by_layer()],
+        "modules": [figures(s, {"module": k}) for k, s in r.by_module()],
         "cells": [
-            {"layer": k[0], "module": k[1], **_row(s)}
+            figures(s, {"layer": k[0], "module": k[1]})
             for k, s in sorted(r.grid().items(), key=lambda kv: _cell_order(kv[0]))
         ],
         "skipped": r.skipped,

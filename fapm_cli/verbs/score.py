@@ -109,11 +109,10 @@ def sweep(
                         f = f.reshape(-1)[: b.numel()]
                     sums = score_sweep(item.name, b, f, sparsities, lam, write, ws)
                     del b, f
+                    head = (item.name, item.out.shape, item.out.dtype.name)
                     where = layer_of(item.name), module_of(item.name)
                     for row, one in zip(results, sums, strict=True):
-                        row.append(
-                            TensorScore(item.name, item.out.shape, item.out.dtype.name, *where, one)
-                        )
+                        row.append(TensorScore(*head, *where, one))
             if job is not None:
                 job.finish([])
         except BaseException:
