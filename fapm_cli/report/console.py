@@ -171,8 +171,8 @@ def _rows(rows: list[Any], level: int, seen: dict[Any, list[str]]) -> str | None
     column by column, are scalars or lists of ints. Each column goes through one encoder call,
     and a column already met in the document (``seen``: a sweep's reports share their
     sparsity-free columns) is not encoded again; the columns' texts are then interleaved with
-    the keys in one join. None for anything else: ``_put`` formats it. A sweep's 60,000 rows:
-    0.52 -> 0.2 s (docs/benchmarks.md)."""
+    the keys in one join. None for anything else: ``_put`` formats it. Writing a sweep's
+    report of 60,000 rows: 0.63 -> 0.31 s (docs/benchmarks.md)."""
     keys = tuple(rows[0])
     if not keys or not all(type(k) is str for k in keys):
         return None
