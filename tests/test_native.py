@@ -206,6 +206,40 @@ def test_select_many_against_a_sort() -> None:
 
 
 @needs_kernels
+def test_gather_takes_the_chosen_buckets_keys_in_order() -> None:
+    """fapm score's gather against the keys ``score_keys`` gives, filtered in Python: every key
+    of a chosen bucket, in order, for both methods; no bucket, one, two far apart (unchosen
+    buckets between them, keys in them skipped), every bucket, the lowest and highest; chunks
+    shorter than, equal to and past a run of 16 keys and a block."""
+    assert KERNELS is not None
+    torch.manual_seed(11)
+    for n in (1, 15, 16, 17, 33, 1024, 1025, 4099):
+        b = (torch.randn(n) * 0.02).bfloat16()
+        f = (b.float() + torch.randn(n) * 1e-3).bfloat16()
+        b[::7] = 0  # FAPM keys of -inf
+        coef = 0.015
+        keys = {m: torch.empty(n, dtype=torch.int32) for m in ("fapm", "magnitude")}
+        for m, k in keys.items():
+            KERNELS.score_keys(m, b, f, coef, k, None)
+        buckets = {m: ((k >> 16) + 32768).long() for m, k in keys.items()}
+        for pick in ("none", "one", "ends", "all", "extremes"):
+            sel = torch.zeros(2, 1 << 16, dtype=torch.uint8)
+            for row, m in enumerate(("fapm", "magnitude")):
+                present = sorted(set(buckets[m].tolist()))
+                chosen = {"none": [], "one": present[len(present) // 2 :][:1],
+                          "ends": [present[0], present[-1]], "all": range(1 << 16),
+                          "extremes": [0, (1 << 16) - 1]}[pick]  # fmt: skip
+                sel[row, list(chosen)] = 1
+            out_f = torch.full((n,), 7, dtype=torch.int32)
+            out_m = torch.full((n,), 7, dtype=torch.int32)
+            nf, nm = KERNELS.score_gather(b, f, coef, sel, out_f, out_m)
+            for row, m, out, count in ((0, "fapm", out_f, nf), (1, "magnitude", out_m, nm)):
+                want = keys[m][sel[row][buckets[m]].bool()]
+                assert count == want.numel(), (n, pick, m)
+                assert torch.equal(out[:count], want), (n, pick, m)
+
+
+@needs_kernels
 def test_bucket_select_against_a_sort() -> None:
     """fapm score's select among gathered keys: the rank-th largest inside a top-16-bit bucket,
     several buckets and ranks in one pass, each as a sort of that bucket's keys gives it (keys
