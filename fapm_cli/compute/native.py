@@ -163,7 +163,8 @@ class Kernels:
 
     def select_many(self, keys: torch.Tensor, ranks: list[int]) -> list[tuple[int, int, int]]:
         """(key, above, eq) of each rank (1 <= rank <= numel) among ``keys`` (int32): as
-        ``select_small`` for each, the radix passes shared by ranks in the same digits."""
+        ``select_small`` for each, the radix passes shared by ranks in the same digits. The
+        select ``fapm_score_small`` calls inside C; bound here for the tests that check it."""
         n, m = keys.numel(), len(ranks)
         r = (_I64 * m)(*ranks)
         key, above, eq = (ctypes.c_int32 * m)(), (_I64 * m)(), (_I64 * m)()
